@@ -1,0 +1,42 @@
+# fastad developer commands. `make test` and `make demo` set up .venv (and build
+# the C++ extension) on first use; `make build` rebuilds fastad._C after C++ edits
+# (`make test` does that too when csrc/ changed).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# Pinned for a fresh machine of this kind (both wheels are on local disk); the
+# package metadata itself only asks for torch>=2.4.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+INSTALLED := $(VENV)/.fastad-installed
+BUILT := build/.fastad-c-built
+C_SOURCES := CMakeLists.txt setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install build test bench clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH_PIN) -e ".[test]"
+	$(PIP) install "setuptools>=69" "pybind11>=2.12"
+	mkdir -p build && touch $(BUILT) $@
+
+$(BUILT): $(C_SOURCES) | $(INSTALLED)
+	$(PY) setup.py -q build_ext --inplace --build-temp build
+	touch $@
+
+build: $(BUILT)
+
+test: $(BUILT)
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: $(BUILT)
+	$(PIP) install -q -e ".[bench]" $(TORCH_PIN)
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,rounds $(PYTEST_ARGS)
+
+clean:
+	rm -rf build fastad/_C*.so

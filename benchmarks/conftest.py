@@ -1,0 +1,84 @@
+"""Shared benchmark machinery: side-by-side runs with peak memory, and a ratio
+table printed at the end of the session (benchmarks/report.py).
+
+    def test_x(bench):
+        bench(lambda: op(a, b), group="op 576x2304x1024", impl="fastad cpu", role="fastad")
+
+`--bench-size quick|full` picks the problem sizes (quick: minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from report import markdown_table  # noqa: E402
+
+from fastad._memory import peak_memory  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-size", choices=("quick", "full"), default="quick",
+                     help="problem sizes: quick (a few minutes on 2 CPU cores) or full (the papers' sizes)")
+    parser.addoption("--bench-device", default="cpu", help="device for the benchmarks (cpu or cuda)")
+
+
+@pytest.fixture(scope="session")
+def bench_size(request) -> str:
+    return request.config.getoption("--bench-size")
+
+
+@pytest.fixture(scope="session")
+def bench_device(request) -> torch.device:
+    dev = torch.device(request.config.getoption("--bench-device"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--bench-device cuda but no CUDA device")
+    return dev
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@pytest.fixture
+def bench(benchmark, bench_device):
+    """Time ``fn`` (with a warm-up call that also measures peak memory)."""
+
+    def run(fn, *, group: str, impl: str, role: str, rounds: int = 3, memory: bool = True, **info):
+        assert role in ("fastad", "peer")
+        benchmark.group = group
+        benchmark.extra_info.update(impl=impl, role=role, device=str(bench_device), **info)
+        if memory:
+            _, peak = peak_memory(fn, bench_device)
+            if peak is not None:
+                benchmark.extra_info["peak_mib"] = peak / 2**20
+        else:
+            fn()
+
+        def timed():
+            out = fn()
+            _sync(bench_device)
+            return out
+
+        return benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    rows = []
+    for b in session.benchmarks:
+        if not b.stats:  # benchmark disabled or errored
+            continue
+        rows.append({"group": b.group or b.name, "name": b.name, "median": b.stats.median, **b.extra_info})
+    if rows:
+        terminalreporter.write_sep("=", "fastad side by side (speed-up = peer median / fastad median)")
+        terminalreporter.write_line(markdown_table(rows))

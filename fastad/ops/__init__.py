@@ -1,0 +1,5 @@
+"""fastad.ops: the fused kernels. Each op module holds the PyTorch reference (the
+definition), the dispatch to the C++ / Triton backends, and its autograd."""
+from __future__ import annotations
+
+__all__: list[str] = []
