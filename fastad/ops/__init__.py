@@ -2,4 +2,6 @@
 definition), the dispatch to the C++ / Triton backends, and its autograd."""
 from __future__ import annotations
 
-__all__: list[str] = []
+from fastad.ops.nn_distance import NNResult, nn_distance
+
+__all__ = ["NNResult", "nn_distance"]
