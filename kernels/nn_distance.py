@@ -75,7 +75,7 @@ _SPLIT_ALIGN = 256  # bank split length: a multiple of every BLOCK_M above
 @triton.jit(do_not_specialize=["row0", "tune_key"])
 def _screen_kernel(qs_ptr, bs_ptr, wq_ptr, wb_ptr, cb_ptr, pa_ptr, pb_ptr, qg_ptr, bg_ptr,
                    cand_ptr, cnt_ptr, out_ptr,
-                   N, M, C, row0, nrows, split_len, n_splits, cap, bstride, tune_key,
+                   N, M, C, row0, nrows, split_len, n_splits, cap, bstride, gstride, tune_key,
                    MODE: tl.constexpr, KP: tl.constexpr, K: tl.constexpr, WANT_MAX: tl.constexpr,
                    HAS_CB: tl.constexpr, HAS_GROUPS: tl.constexpr, GROUP_OTHER: tl.constexpr,
                    NB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -130,7 +130,7 @@ def _screen_kernel(qs_ptr, bs_ptr, wq_ptr, wb_ptr, cb_ptr, pa_ptr, pb_ptr, qg_pt
             key = s
         elig = row_ok[:, None] & col_ok[None, :]
         if HAS_GROUPS:
-            bg = tl.load(bg_ptr + bcol, mask=col_ok, other=0)
+            bg = tl.load(bg_ptr + pid_b.to(tl.int64) * gstride + cols, mask=col_ok, other=0)
             if GROUP_OTHER:
                 elig = elig & (qg[:, None] != bg[None, :])
             else:
@@ -386,7 +386,8 @@ class _Search:
         self.stats = stats if stats is not None else {}
         self.B, self.N, self.C = query.shape
         self.Bb, self.M = bank.shape[0], bank.shape[1]
-        self.bstride = self.M if self.Bb > 1 else 0
+        self.bstride = self.M if self.Bb > 1 else 0  # bank rows between batches (0: shared bank)
+        self.gstride = self.M if bg is not None and bg.shape[0] > 1 else 0  # bank groups may be shared
         self.interp = triton_interpret()
         self.want_max = (metric == "ip") == largest  # keep the largest s ("nearer") per row
         self.small = k <= small_k_max
@@ -445,7 +446,7 @@ class _Search:
         args = (self.qs, self.bs, self.wq, self.wb, self.cb if self.cb is not None else self.wb, pa, pb,
                 self.qg if self.qg is not None else dummy, self.bg if self.bg is not None else dummy,
                 cand, cnt, out, self.N, self.M, self.C, row0, nr, self.split_len, self.S, self.cap, self.bstride,
-                int(math.log2(max(nr, 1))) * 64 + int(math.log2(self.M)))
+                self.gstride, int(math.log2(max(nr, 1))) * 64 + int(math.log2(self.M)))
         meta = dict(MODE=mode, KP=self.kp, K=self.k, WANT_MAX=self.want_max, HAS_CB=self.cb is not None,
                     HAS_GROUPS=self.qg is not None, GROUP_OTHER=self.group_other, NB=NBINS)
 

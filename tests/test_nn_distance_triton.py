@@ -214,6 +214,7 @@ def test_batched_banks_and_batched_groups():
     qg, bg = torch.randint(0, 3, (3, 11), generator=g), torch.randint(0, 3, (3, 40), generator=g)
     check(q, b, k=5, metric="cosine", reduce="mean_largest", qg=qg, bg=bg)
     check(q, b[:1], k=20, metric="ip", reduce="topk", qg=qg, bg=bg[:1], cap=30)  # shared bank, large k
+    check(q, b, k=3, metric="l2", qg=qg[0], bg=bg[0])  # per-image banks, groups shared by every image
 
 
 @pytest.mark.parametrize("k", [1, 3])
