@@ -16,7 +16,6 @@ from conftest import requires_cuda, requires_triton
 from nn_testing import assert_matches_reference
 
 from fastad.ops import NNResult, nn_distance
-from fastad.ops.nn_distance import nn_distance_reference
 
 pytestmark = requires_triton
 
