@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import requires_triton
 
 from fastad.models import SAAPlus
 from fastad.models import saa_tables
@@ -137,6 +138,17 @@ def test_multi_instance_fastad_equals_pixel_loop(case):
     assert bool((ref[~m.any(0)] == 0).all())
     if case == "nested":
         assert bool((ref[m[1]] == 0.5).all())
+
+
+@requires_triton
+def test_saliency_through_the_triton_ops():
+    """The GPU path of the fastad backend (Triton nn_distance; the interpreter on CPU)."""
+    f = unit_features(17, 7, 9, 4)
+    torch.testing.assert_close(self_similarity_saliency(f, 13, "fastad", ops_backend="triton"),
+                               self_similarity_saliency(f, 13, "reference"), atol=1e-5, rtol=0)
+    m = _disjoint_masks(7, 9)
+    torch.testing.assert_close(multi_instance_saliency(f, m, "fastad", ops_backend="triton"),
+                               multi_instance_saliency(f, m, "reference"), atol=1e-5, rtol=0)
 
 
 def test_multi_instance_needs_two_instances():
