@@ -65,6 +65,8 @@ class MaskPoolOutput(NamedTuple):
 def _interp(x: torch.Tensor, size: Tuple[int, int], resize: str, align_corners: bool) -> torch.Tensor:
     if tuple(x.shape[-2:]) == size:
         return x
+    if x.numel() == 0:  # F.interpolate rejects empty batches
+        return x.new_zeros((*x.shape[:2], *size))
     if resize == "bilinear":
         return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
     return F.interpolate(x, size=size, mode=resize)
