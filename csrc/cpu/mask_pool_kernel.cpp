@@ -1,8 +1,9 @@
 // mask_pool CPU kernel: for each mask, stream its rows through the resize to the
 // pooling grid, binarise, and project the binary rows back onto the feature grid
-// with the adjoint of the feature resize (pool(U F, m) = (U^T m) F / |m|).
-// Neither the resized masks nor the upsampled features are ever materialised:
-// a mask costs two pooling rows of scratch plus its [H, W] weight image.
+// with the adjoint of the feature resize (pool(U F, m) = (U^T m) F / |m|): each
+// pooling row is added into the (at most a few) feature rows it reaches,
+// Z = Uy^T B ([H, Wp]), and Z is projected once per mask, weights = Z Ux.
+// Neither the resized masks nor the upsampled features are ever materialised.
 //
 // Binarisation must agree with `F.interpolate(...) > threshold` bit for bit, so
 // the resize reproduces torch's rounding: which products are fused (fma) is a
@@ -111,8 +112,10 @@ inline float pointwise(int f, float a, float b, float c, float d, float w00, flo
 struct Work {
   std::vector<float> raw[2], raw_om[2], hres[2], hres_om[2];
   int64_t raw_key[2] = {-1, -1}, hres_key[2] = {-1, -1};
-  std::vector<float> v, vc, acc, acc_c, tmp, t, t_ones;
+  std::vector<float> v, vc, acc, acc_c, tmp, ones;
   std::vector<float> b[2];
+  std::vector<float> z[2];          // Uy^T B: [H, Wp + KX], rows padded for the band dots
+  std::vector<char> touched[2];     // rows of z written since the last reset
 
   explicit Work(const MaskPoolArgs& a) {
     const size_t wm = static_cast<size_t>(a.Wm), wp = static_cast<size_t>(a.Wp);
@@ -121,15 +124,20 @@ struct Work {
       raw_om[s].assign(wm, 0.f);
       hres[s].assign(wp, 0.f);
       hres_om[s].assign(wp, 0.f);
-      b[s].assign(wp + static_cast<size_t>(a.KX), 0.f);
+      b[s].assign(wp, 0.f);
     }
     v.assign(wp, 0.f);
     vc.assign(wp, 0.f);
     acc.assign(wp, 0.f);
     acc_c.assign(wp, 0.f);
     tmp.assign(wm, 0.f);
-    t.assign(static_cast<size_t>(a.W), 0.f);
-    t_ones.assign(static_cast<size_t>(a.W), 0.f);
+    ones.assign(wp, 1.f);
+    if (a.H > 0) {
+      for (int s = 0; s < 2; ++s) {
+        z[s].assign(static_cast<size_t>(a.H) * (wp + static_cast<size_t>(a.KX)), 0.f);
+        touched[s].assign(static_cast<size_t>(a.H), 0);
+      }
+    }
   }
   void reset() { raw_key[0] = raw_key[1] = hres_key[0] = hres_key[1] = -1; }
 };
@@ -269,11 +277,6 @@ void resize_row(const MaskPoolArgs& a, Work& w, int64_t n, int64_t yp, bool om) 
   }
 }
 
-// Adjoint of the horizontal feature resize for one pooling row: t[x] = sum_x' Ux[x', x] b[x'].
-void row_adjoint(const MaskPoolArgs& a, const float* b, float* t) {
-  for (int64_t x = 0; x < a.W; ++x) t[x] = dot(a.h_w + x * a.KX, b + a.h_lo[x], a.KX);
-}
-
 // Fill b (pooling row o of the mask: inside or complement) and return its sum.
 double select_row(const MaskPoolArgs& a, const Work& w, int o, float* b) {
   const float* v = w.v.data();
@@ -314,24 +317,37 @@ double select_row(const MaskPoolArgs& a, const Work& w, int o, float* b) {
   return sum;
 }
 
-// Project one binary / soft pooling row b (with sum `sum`) onto the feature grid.
-void accumulate_row(const MaskPoolArgs& a, Work& w, int64_t yp, const float* b, double sum, float* dst_o) {
-  const float* t = w.t.data();
-  if (a.hard) {
-    if (sum == 0.0) return;
-    if (sum == static_cast<double>(a.Wp)) t = w.t_ones.data();
-    else row_adjoint(a, b, w.t.data());
-  } else {
+// Add pooling row yp of B (b, with sum `sum`) into the feature rows it reaches: z += Uy[yp, :]^T b.
+void accumulate_row(const MaskPoolArgs& a, Work& w, int o, int64_t yp, const float* b, double sum) {
+  if (a.hard && sum == 0.0) return;
+  if (!a.hard) {
     bool any = false;
     for (int64_t x = 0; x < a.Wp && !any; ++x) any = b[x] != 0.f;
     if (!any) return;
-    row_adjoint(a, b, w.t.data());
   }
+  const int64_t stride = a.Wp + a.KX;
   const int64_t lo = a.v_lo[yp], len = a.v_len[yp];
   for (int64_t k = 0; k < len; ++k) {
     const float wk = a.v_w[yp * a.KY + k];
-    float* dst = dst_o + (lo + k) * a.W;
-    for (int64_t x = 0; x < a.W; ++x) dst[x] += wk * t[x];
+    float* dst = w.z[o].data() + (lo + k) * stride;
+    for (int64_t x = 0; x < a.Wp; ++x) dst[x] += wk * b[x];
+    w.touched[o][static_cast<size_t>(lo + k)] = 1;
+  }
+}
+
+// weights = z Ux (a band dot per feature pixel) for the touched rows; clears z.
+void project(const MaskPoolArgs& a, Work& w, int o, float* out) {
+  const int64_t stride = a.Wp + a.KX;
+  for (int64_t y = 0; y < a.H; ++y) {
+    float* dst = out + y * a.W;
+    if (!w.touched[o][static_cast<size_t>(y)]) {
+      std::fill(dst, dst + a.W, 0.f);
+      continue;
+    }
+    float* zr = w.z[o].data() + y * stride;
+    for (int64_t x = 0; x < a.W; ++x) dst[x] = dot(a.h_w + x * a.KX, zr + a.h_lo[x], a.KX);
+    std::fill(zr, zr + a.Wp, 0.f);
+    w.touched[o][static_cast<size_t>(y)] = 0;
   }
 }
 
@@ -383,7 +399,6 @@ void pool_one(const MaskPoolArgs& a, Work& w, int64_t n) {
   const int nout = a.complement == kComplementNone ? 1 : 2;
   const int64_t HW = a.H * a.W;
   float* out = a.weights + n * nout * HW;
-  std::fill(out, out + nout * HW, 0.f);
   w.reset();
   double total[2] = {0.0, 0.0};
   if (a.mode == kResizeIdentity && a.hard && a.mask_dtype == kMaskU8) {
@@ -396,10 +411,12 @@ void pool_one(const MaskPoolArgs& a, Work& w, int64_t n) {
         const int64_t c = count_bytes(src, a.Wp, r);
         total[o] += static_cast<double>(c);
         if (c == 0) continue;
-        float* b = w.b[o].data();
-        if (c < a.Wp)
+        float* b = w.ones.data();
+        if (c < a.Wp) {
+          b = w.b[o].data();
           for (int64_t x = 0; x < a.Wp; ++x) b[x] = (src[x] >= r.lo && src[x] <= r.hi) ? 1.f : 0.f;
-        accumulate_row(a, w, yp, b, static_cast<double>(c), out + o * HW);
+        }
+        accumulate_row(a, w, o, yp, b, static_cast<double>(c));
       }
     }
   } else {
@@ -410,11 +427,14 @@ void pool_one(const MaskPoolArgs& a, Work& w, int64_t n) {
         float* b = w.b[o].data();
         const double sum = select_row(a, w, o, b);
         total[o] += sum;
-        accumulate_row(a, w, yp, b, sum, out + o * HW);
+        accumulate_row(a, w, o, yp, b, sum);
       }
     }
   }
-  for (int o = 0; o < nout; ++o) a.counts[n * nout + o] = static_cast<float>(total[o]);
+  for (int o = 0; o < nout; ++o) {
+    project(a, w, o, out + o * HW);
+    a.counts[n * nout + o] = static_cast<float>(total[o]);
+  }
 }
 
 }  // namespace
@@ -426,12 +446,7 @@ bool mask_pool_weights_kernel(const MaskPoolArgs& a, int nthreads) {
     Work* w = nullptr;
     try {
       w = new Work(a);
-      std::vector<float> ones(static_cast<size_t>(a.Wp + a.KX), 0.f);
-      std::fill(ones.begin(), ones.begin() + a.Wp, 1.f);
-      row_adjoint(a, ones.data(), w->t_ones.data());
     } catch (...) {
-      delete w;
-      w = nullptr;
 #pragma omp atomic write
       ok = false;
     }

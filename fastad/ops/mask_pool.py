@@ -33,8 +33,7 @@ __all__ = ["mask_pool", "mask_pool_reference", "MaskPoolOutput"]
 OP = "mask_pool"
 RESIZE_MODES = ("bilinear", "nearest", "area")
 MASK_DTYPES = (torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16)
-_COMPLEMENT_NAMES = ("overlap", "partition")
-_COMPLEMENT_CODES = {None: 0, "overlap": 1, "partition": 2}
+_COMPLEMENT_CODES = {"overlap": 1, "partition": 2}
 
 # Codes shared with csrc/cpu/mask_pool_kernel.h.
 _MASK_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.uint8: 3, torch.bool: 3}
@@ -136,7 +135,7 @@ def _normalise(features, masks, size, resize, align_corners, threshold, compleme
         comp = 0
     elif complement is True:
         comp = 1
-    elif isinstance(complement, str) and complement in _COMPLEMENT_NAMES:
+    elif isinstance(complement, str) and complement in _COMPLEMENT_CODES:
         comp = _COMPLEMENT_CODES[complement]
     else:
         raise ValueError(f"fastad.ops.{OP}: `complement` must be False, True, 'overlap' or 'partition', "
@@ -435,7 +434,8 @@ class _Weights:
         mask_hw = tuple(masks.shape[-2:])
         hard = call.threshold is not None
         self.hard = hard
-        self.threshold = float(np.float32(call.threshold)) if hard else 0.0
+        with np.errstate(over="ignore"):  # torch also compares with the threshold cast to float32
+            self.threshold = float(np.float32(call.threshold)) if hard else 0.0
         if call.backend == "cpu":
             self.plan, self.rounding = _cpu_plan(masks, call.grid, self.hw, call.resize, call.align_corners)
         else:
@@ -466,9 +466,10 @@ class _Weights:
         return weights.view(m.shape[0], nout, h * w), counts
 
 
-def _chunks(B: int, R: int, per_mask: int):
-    """(b0, b1, r0, r1) blocks whose weights fit in _CHUNK_FLOATS (at least one mask)."""
-    per_image = max(1, R * per_mask)
+def _chunks(B: int, R: int, per_mask: int, per_image_extra: int = 0):
+    """(b0, b1, r0, r1) blocks whose scratch fits in _CHUNK_FLOATS (at least one mask):
+    ``per_mask`` floats of weights per mask, plus ``per_image_extra`` per image."""
+    per_image = max(1, R * per_mask + per_image_extra)
     if per_image <= _CHUNK_FLOATS:
         step = max(1, _CHUNK_FLOATS // per_image)
         for b0 in range(0, B, step):
@@ -491,7 +492,8 @@ def _forward(features: torch.Tensor, masks: torch.Tensor, call: _Call) -> Tuple[
         return out.to(features.dtype), counts
     out4, counts3 = out.view(B, R, nout, C), counts.view(B, R, nout)
     weights = _Weights(call, features, masks)
-    for b0, b1, r0, r1 in _chunks(B, R, nout * H * W):
+    converted = 0 if features.dtype == torch.float32 else C * H * W  # float32 copy of the chunk's features
+    for b0, b1, r0, r1 in _chunks(B, R, nout * H * W, converted):
         nb, nr = b1 - b0, r1 - r0
         w, cnt = weights(b0, b1, r0, r1)
         cnt = cnt.view(nb, nr, nout)
@@ -653,10 +655,14 @@ def mask_pool(features: torch.Tensor, masks: torch.Tensor, size: Union[int, Sequ
     Gradients: with respect to ``features`` always; with respect to float ``masks``
     only when ``threshold`` is None (binarisation has no gradient), as in the reference.
 
-    Exactness: the fast backends binarise exactly as the reference (same resize
-    indices, weights and float rounding as torch's kernels on this machine) and
-    differ from it only by float32 summation order, because pooling after a linear
-    resize equals pooling the adjoint-resized mask on the feature grid.
+    Exactness: pooling after a linear resize equals pooling the adjoint-resized
+    mask on the feature grid, so the fast backends differ from the reference only
+    by float32 summation order, provided they binarise the same pixels. The cpu
+    backend reproduces torch's CPU resize bit for bit (indices, weights, which of
+    its kernels torch picks, and its fused multiply-adds, detected once per
+    process), hence identical counts. The triton backend follows CUDA's
+    F.interpolate formulas; on a GPU it is unverified here whether every value
+    lying exactly on the threshold is rounded to the same side.
 
     Peak memory (cpu, triton): the output and counts, plus one chunk of adjoint
     weights of at most 16 MiB (min(B*R*nout*H*W, 4M) floats) and, for float16 /
