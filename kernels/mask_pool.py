@@ -86,7 +86,7 @@ def _mask_pool_weights_kernel(
     hlo_ptr, hlen_ptr, hw_ptr, KX,
     yown_ptr, xown_ptr,
     threshold, AREA_KW,
-    MODE: tl.constexpr, HARD: tl.constexpr, COMPLEMENT: tl.constexpr,
+    MODE: tl.constexpr, HARD: tl.constexpr, COMPLEMENT: tl.constexpr, NOUT: tl.constexpr,
     BLOCK_X: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -142,13 +142,12 @@ def _mask_pool_weights_kernel(
             acc1 += uy * tl.sum(hw * b1, axis=1)
             cnt1 += tl.sum(tl.where(owned, b1, 0.0), axis=1)
 
-    nout: tl.constexpr = 1 if COMPLEMENT == 0 else 2
-    row0 = (n * nout * H + y) * W
+    row0 = (n * NOUT * H + y) * W
     tl.store(w_ptr + row0 + xs, acc0, mask=x_ok)
-    tl.store(cnt_ptr + n * nout * H + y, tl.sum(cnt0, axis=0))
+    tl.store(cnt_ptr + n * NOUT * H + y, tl.sum(cnt0, axis=0))
     if COMPLEMENT != 0:
         tl.store(w_ptr + row0 + H * W + xs, acc1, mask=x_ok)
-        tl.store(cnt_ptr + n * nout * H + H + y, tl.sum(cnt1, axis=0))
+        tl.store(cnt_ptr + n * NOUT * H + H + y, tl.sum(cnt1, axis=0))
 
 
 def mask_pool_weights(masks: torch.Tensor, tables: dict, H: int, W: int, *, mode: int, hard: bool,
@@ -177,7 +176,7 @@ def mask_pool_weights(masks: torch.Tensor, tables: dict, H: int, W: int, *, mode
         tables["h_lo"], tables["h_len"], tables["h_w"], tables["h_w"].shape[1],
         tables["y_own"], tables["x_own"],
         threshold, tables["area_kw"],
-        MODE=mode, HARD=hard, COMPLEMENT=complement,
+        MODE=mode, HARD=hard, COMPLEMENT=complement, NOUT=nout,
         BLOCK_X=block_x, BLOCK_J=block_j, num_warps=num_warps,
     )
     return weights, partial.sum(-1)

@@ -666,9 +666,12 @@ def mask_pool(features: torch.Tensor, masks: torch.Tensor, size: Union[int, Sequ
 
     Peak memory (cpu, triton): the output and counts, plus one chunk of adjoint
     weights of at most 16 MiB (min(B*R*nout*H*W, 4M) floats) and, for float16 /
-    bfloat16 features, a float32 copy of that chunk's features; no [B, R, Hp, Wp]
-    or [B, C, Hp, Wp] tensor. The reference holds the resized features and masks
-    (B*(C + 2R)*Hp*Wp floats). Soft-mask gradients hold [B, R, nout, Hp, Wp].
+    bfloat16 features, a float32 copy of that chunk's features; the C++ kernel adds
+    per thread a few pooling rows and an [nout, H, Wp] accumulator. No
+    [B, R, Hp, Wp] or [B, C, Hp, Wp] tensor is built. The reference holds the
+    resized features and masks (about B*(C + 3R)*Hp*Wp floats). Soft-mask
+    gradients hold [B, R, nout, Hp, Wp]. With ``eps=0`` an empty mask gives NaN,
+    as in the reference.
     """
     sh, sw, comp = _normalise(features, masks, size, resize, align_corners, threshold, complement, eps)
     if not isinstance(return_counts, bool):
