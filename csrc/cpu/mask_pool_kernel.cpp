@@ -108,7 +108,8 @@ inline float pointwise(int f, float a, float b, float c, float d, float w00, flo
 }
 
 // Per-thread scratch: two cached source rows (raw and 1 - raw), two cached
-// horizontally resized rows, the current pooling row, binary rows padded by KX.
+// horizontally resized rows, the current pooling row, binary rows, and the
+// accumulator z = Uy^T B of the mask (and of its complement).
 struct Work {
   std::vector<float> raw[2], raw_om[2], hres[2], hres_om[2];
   int64_t raw_key[2] = {-1, -1}, hres_key[2] = {-1, -1};
