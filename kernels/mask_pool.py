@@ -17,9 +17,13 @@ reaches), and the caller sums the rows.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    import torch
 
 MODE_IDENTITY = 0
 MODE_SEPARABLE = 1
@@ -157,6 +161,8 @@ def mask_pool_weights(masks: torch.Tensor, tables: dict, H: int, W: int, *, mode
     ``tables`` holds the resize and band tables of fastad.ops.mask_pool as tensors
     on the masks' device; ``masks`` is contiguous (bool masks as uint8).
     """
+    import torch  # the kernel itself builds without torch (tests compile it for sm_90 in a bare process)
+
     N, Hm, Wm = masks.shape
     nout = 1 if complement == 0 else 2
     weights = torch.empty((N, nout, H, W), dtype=torch.float32, device=masks.device)

@@ -359,8 +359,6 @@ def test_torch_compile_and_opcheck():
     torch.testing.assert_close(got, want)
     torch.library.opcheck(torch.ops.fastad.mask_pool.default,
                           (features, masks, 17, 19, "bilinear", False, 0.0, 1, 1e-8, "cpu"))
-    torch.library.opcheck(torch.ops.fastad.mask_pool.default,
-                          (features, masks.sigmoid().requires_grad_(), 17, 19, "area", False, None, 2, 1e-8, "cpu"))
 
 
 # ---------------------------------------------------------------------------- random sizes
@@ -414,15 +412,19 @@ def test_triton_gradient():
 
 
 _COMPILE_FOR_H100 = """
+import importlib.util, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastad.kernels.mask_pool import _mask_pool_weights_kernel as kernel
+spec = importlib.util.spec_from_file_location("mask_pool_kernels", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+kernel = module._mask_pool_weights_kernel
 sig = dict(masks_ptr="*u8", w_ptr="*fp32", cnt_ptr="*fp32", Hm="i32", Wm="i32", Hp="i32", Wp="i32", H="i32",
            W="i32", yi_ptr="*i32", yl_ptr="*fp32", xi_ptr="*i32", xl_ptr="*fp32", clo_ptr="*i32", clen_ptr="*i32",
            cw_ptr="*fp32", KY="i32", hlo_ptr="*i32", hlen_ptr="*i32", hw_ptr="*fp32", KX="i32", yown_ptr="*i32",
            xown_ptr="*i32", threshold="fp32", AREA_KW="i32")
-for mode, hard, comp in ((0, False, 2), (1, True, 1), (3, True, 0), (4, True, 1)):
+for mode, hard, comp in ((1, True, 1), (4, False, 2)):
     consts = dict(MODE=mode, HARD=hard, COMPLEMENT=comp, NOUT=1 if comp == 0 else 2, BLOCK_X=64, BLOCK_J=16)
     sig.update({k: "constexpr" for k in consts})
     out = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
@@ -440,7 +442,8 @@ def test_triton_kernel_compiles_for_h100():
 
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], env=env, capture_output=True, text=True)
+    source = importlib.util.find_spec("fastad.kernels.mask_pool").origin
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100, source], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
