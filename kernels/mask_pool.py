@@ -25,16 +25,13 @@ import triton.language as tl
 if TYPE_CHECKING:
     import torch
 
-MODE_IDENTITY = 0
-MODE_SEPARABLE = 1
-MODE_NEAREST = 3
-MODE_AREA = 4
-
-
 @triton.jit
 def _resized(masks_ptr, base, Wm, Hp, yp, ok, ix0, ix1, lx0, lx1, yi_ptr, yl_ptr, AREA_KW,
              MODE: tl.constexpr, ONE_MINUS: tl.constexpr):
-    """Mask value (or 1 - mask) resized to pooling row ``yp`` at the columns of ``ix0``/``ix1``."""
+    """Mask value (or 1 - mask) resized to pooling row ``yp`` at the columns of ``ix0``/``ix1``.
+
+    MODE (codes of csrc/cpu/mask_pool_kernel.h): 0 identity, 1 bilinear, 3 nearest, 4 area.
+    """
     if MODE == 0:
         s = tl.load(masks_ptr + base + yp * Wm + ix0, mask=ok, other=0).to(tl.float32)
         if ONE_MINUS:
