@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fastad
 from fastad.models import ICAS, SAAPlus
 from fastad.models.saa_plus import BoxMaskRefiner, Proposals, SaliencyFeatures, StaticProposer, prepare_caption
 from fastad.models.saa_tables import category_config
@@ -98,6 +99,8 @@ def icas_model(bench_size, bench_device):
 @pytest.mark.parametrize("backend", ["reference", "fastad"])
 @pytest.mark.parametrize("prompting", ["anomaly", "normal"])
 def test_icas(bench, bench_size, bench_device, icas_model, capsys, backend, prompting):
+    if backend == "fastad" and not hasattr(fastad.ops, "kcenter_greedy"):
+        pytest.skip("the fastad backend's GQS needs fastad.ops.kcenter_greedy (issue 5), not in this tree yet")
     size = ICAS_SIZES[bench_size]
     S, B = size["image_size"], size["batch"]
     g = torch.Generator().manual_seed(2)
