@@ -17,8 +17,10 @@ Architecture (paper, with [SINE] / [choice] marking what the paper does not fix)
     variant, where a boundary pixel can count in both).
   * Greedy Query Selection: K (200) content queries Q_c^0 = F_t[GQS(F_t)], the k-center greedy
     (farthest point) rule of Sener & Savarese on the neck features of each target image,
-    Euclidean distance, started at index 0 (the argmax over an empty selection, first index on
-    ties), already selected points never picked again [choice; ``gqs_metric``, ``gqs_init``].
+    Euclidean distance in the difference form of ``fastad.ops.kcenter_greedy`` (float32 differences,
+    float64 squares, rounded to float32), started at index 0 (the argmax over an empty selection,
+    first index on ties), already selected points never picked again [choice; ``gqs_metric``,
+    ``gqs_init``].
     The query positional embedding is the sine embedding of the selected patch [choice].
   * In-context transformer decoder: 6 pre-norm layers, 8 heads, FFN 2048 [SINE]. Tokens: the K
     content queries and the class tokens {Q_p (N), Q_ntp (N), Q_fg, Q_bg} (Q_fg, Q_bg learnable),
@@ -67,7 +69,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
