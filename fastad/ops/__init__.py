@@ -2,4 +2,6 @@
 definition), the dispatch to the C++ / Triton backends, and its autograd."""
 from __future__ import annotations
 
-__all__: list[str] = []
+from fastad.ops.sparsemax import dict_lookup, sparsemax
+
+__all__: list[str] = ["dict_lookup", "sparsemax"]
