@@ -26,6 +26,8 @@ FASTAD_DECLARE_KERNEL(int dict_softmax_fwd(const void* q, int dt, int64_t R, int
                                             const void* values, int64_t M, int64_t Cv, const uint8_t* mask,
                                             float scale, float* out, float* lse, int nthreads));
 
+FASTAD_DECLARE_KERNEL(int all_finite(const void* x, int dtype, int64_t n, int nthreads));
+
 namespace fastad {
 namespace {
 
@@ -219,4 +221,13 @@ FASTAD_REGISTER(sparsemax) {
       py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("key_mask"), py::arg("dtype"), py::arg("scale"),
       py::arg("out"), py::arg("lse"), py::arg("nthreads"),
       "softmax lookup out = softmax(q.k*scale) v and its log-sum-exp per row, online over key blocks");
+
+  m.def(
+      "all_finite",
+      [](const py::array& x, int dtype, int nthreads) {
+        FloatArg a = float_arg("all_finite", "x", x, dtype, 0, 32);
+        py::gil_scoped_release nogil;
+        return FASTAD_DISPATCH_KERNEL(all_finite, a.data, dtype, a.numel(), resolve_threads(nthreads)) != 0;
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("nthreads"), "True when no element of x is NaN or infinite");
 }

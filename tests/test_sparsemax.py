@@ -334,6 +334,10 @@ def test_lookup_rejects_nan_logits_and_fully_masked_items(backend):
         qn[1, 2, 3] = math.nan
         with pytest.raises(ValueError, match="NaN or infinite"):
             fastad.ops.dict_lookup(qn, k, v, mode=mode, backend=backend)
+        vn = v.clone()
+        vn[7, 1] = math.inf
+        with pytest.raises(ValueError, match="`values` contains NaN or infinite"):
+            fastad.ops.dict_lookup(q, k, vn, mode=mode, backend=backend)
         mask = torch.ones(2, 20, dtype=torch.bool)
         mask[1] = False
         with pytest.raises(ValueError, match="masks every key of batch item 1"):

@@ -637,6 +637,10 @@ void dict_sparse_backward(const void* q, const void* k, const void* v, int dt, i
 
 namespace {
 
+// Keys per block of the softmax lookup: the packed key block and the value
+// block (NCS x C and NCS x Cv floats) share L2.
+constexpr int NCS = 32;
+
 // exp of 8 lanes (Cephes expf: range reduction by ln 2, degree-5 polynomial;
 // within 2 ulp of expf, exp(-inf) = 0).
 #if defined(__AVX2__)
@@ -698,7 +702,7 @@ void accumulate_pv(const float* P, int nk, const float* V, int64_t Cv, float* ac
     for (int k = 0; k < nk; ++k) {
       const __m256 b0 = _mm256_loadu_ps(V + k * Cv + c), b1 = _mm256_loadu_ps(V + k * Cv + c + 8);
       for (int i = 0; i < MR; ++i) {
-        const __m256 p = _mm256_broadcast_ss(P + i * NC + k);
+        const __m256 p = _mm256_broadcast_ss(P + i * NCS + k);
         a[i][0] = _mm256_fmadd_ps(p, b0, a[i][0]);
         a[i][1] = _mm256_fmadd_ps(p, b1, a[i][1]);
       }
@@ -711,7 +715,7 @@ void accumulate_pv(const float* P, int nk, const float* V, int64_t Cv, float* ac
 #endif
   for (int i = 0; i < MR; ++i)
     for (int k = 0; k < nk; ++k) {
-      const float p = P[i * NC + k];
+      const float p = P[i * NCS + k];
       for (int64_t cc = c; cc < Cv; ++cc) acc[i * Cv + cc] += p * V[k * Cv + cc];
     }
 }
@@ -732,15 +736,15 @@ int dict_softmax_fwd(const void* q, int dt, int64_t R, int64_t C, const void* ke
   std::vector<FloatBuf> kp, vp, acc, tmp;
   std::vector<std::vector<float>> mrow(static_cast<size_t>(T)), lrow(static_cast<size_t>(T));
   for (int t = 0; t < T; ++t) {
-    kp.emplace_back(static_cast<int64_t>(NC) * C);
-    vp.emplace_back(dt == kF32 ? 0 : static_cast<int64_t>(NC) * Cv);
+    kp.emplace_back(static_cast<int64_t>(NCS) * C);
+    vp.emplace_back(dt == kF32 ? 0 : static_cast<int64_t>(NCS) * Cv);
     acc.emplace_back(panels_max * MR * Cv);
     tmp.emplace_back(std::max(C, Cv));
     mrow[static_cast<size_t>(t)].resize(static_cast<size_t>(panels_max * MR));
     lrow[static_cast<size_t>(t)].resize(static_cast<size_t>(panels_max * MR));
   }
   std::vector<int> bad(static_cast<size_t>(T), 0);
-  const int64_t nblocks = (M + NC - 1) / NC;
+  const int64_t nblocks = (M + NCS - 1) / NCS;
 
   for (int64_t r0 = 0; r0 < R; r0 += RS) {
     const int64_t rc = std::min<int64_t>(RS, R - r0);
@@ -768,13 +772,13 @@ int dict_softmax_fwd(const void* q, int dt, int64_t R, int64_t C, const void* ke
       std::fill(lr, lr + npanels * MR, 0.0f);
       float* kb = kp[static_cast<size_t>(tid)].p;
       alignas(64) float tile[MR * NR];
-      alignas(64) float z[MR * NC];
-      alignas(64) float P[MR * NC];
-      uint16_t vbits[NC / NR];
+      alignas(64) float z[MR * NCS];
+      alignas(64) float P[MR * NCS];
+      uint16_t vbits[NCS / NR];
       int nonfinite = 0;
       for (int64_t blk = b_lo; blk < b_hi && p_lo < p_hi; ++blk) {
-        const int64_t j0 = blk * NC;
-        const int nk = static_cast<int>(std::min<int64_t>(NC, M - j0));
+        const int64_t j0 = blk * NCS;
+        const int nk = static_cast<int>(std::min<int64_t>(NCS, M - j0));
         const int npk = (nk + NR - 1) / NR;
         for (int jp = 0; jp < npk; ++jp) {
           const int64_t kj = j0 + jp * NR;
@@ -802,17 +806,17 @@ int dict_softmax_fwd(const void* q, int dt, int64_t R, int64_t C, const void* ke
                 const bool ok = (vbits[jp] >> j) & 1u;
                 const float v = tile[i * NR + j] * scale;
                 nonfinite |= static_cast<int>(ok && !(std::fabs(v) < kInf));
-                z[i * NC + jp * NR + j] = ok ? v : -kInf;
+                z[i * NCS + jp * NR + j] = ok ? v : -kInf;
               }
           }
           float* Ap = A + p * MR * Cv;
           for (int i = 0; i < MR; ++i) {
             const int64_t row = p * MR + i;
             float bm = -kInf;
-            for (int j = 0; j < nk; ++j) bm = std::max(bm, z[i * NC + j]);
+            for (int j = 0; j < nk; ++j) bm = std::max(bm, z[i * NCS + j]);
             const float m_new = std::max(mr[row], bm);
             if (m_new == -kInf) {  // nothing unmasked yet in this row
-              std::fill(P + i * NC, P + i * NC + nk, 0.0f);
+              std::fill(P + i * NCS, P + i * NCS + nk, 0.0f);
               continue;
             }
             if (m_new > mr[row]) {
@@ -822,7 +826,7 @@ int dict_softmax_fwd(const void* q, int dt, int64_t R, int64_t C, const void* ke
               for (int64_t c = 0; c < Cv; ++c) ar[c] *= alpha;
               mr[row] = m_new;
             }
-            lr[row] += exp_shift(z + i * NC, m_new, nk, P + i * NC);
+            lr[row] += exp_shift(z + i * NCS, m_new, nk, P + i * NCS);
           }
           accumulate_pv(P, nk, V, Cv, Ap);
         }
@@ -853,6 +857,34 @@ int dict_softmax_fwd(const void* q, int dt, int64_t R, int64_t C, const void* ke
   for (int b : bad)
     if (b) return 1;
   return 0;
+}
+
+// 1 when every element of x[0:n] is finite (fp16 / bf16 read as their bits).
+int all_finite(const void* x, int dtype, int64_t n, int nthreads) {
+  int ok = 1;
+  const int T = std::max(1, nthreads);
+  if (dtype == kF32) {
+    const float* f = static_cast<const float*>(x);
+#pragma omp parallel for num_threads(T) reduction(&& : ok) schedule(static)
+    for (int64_t b = 0; b < n; b += 4096) {
+      const int64_t e = std::min(n, b + 4096);
+      float acc = 0.0f;  // x - x is NaN exactly for NaN and +-inf
+      for (int64_t i = b; i < e; ++i) acc += f[i] - f[i];
+      ok = ok && acc == 0.0f;
+    }
+  } else {
+    // exponent all ones: 0x7c00 in float16, 0x7f80 in bfloat16
+    const uint16_t* h = static_cast<const uint16_t*>(x);
+    const uint16_t e = dtype == kF16 ? 0x7c00u : 0x7f80u;
+#pragma omp parallel for num_threads(T) reduction(&& : ok) schedule(static)
+    for (int64_t b = 0; b < n; b += 4096) {
+      const int64_t end = std::min(n, b + 4096);
+      int bad = 0;
+      for (int64_t i = b; i < end; ++i) bad |= (h[i] & e) == e;
+      ok = ok && !bad;
+    }
+  }
+  return ok;
 }
 }  // namespace FASTAD_ISA_NS
 }  // namespace fastad

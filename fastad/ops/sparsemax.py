@@ -206,6 +206,19 @@ def _check_logits(op: str, z: Tensor, mask: Optional[Tensor]) -> None:
                          "(check query and keys for NaN / inf)")
 
 
+def _check_values_finite(op: str, v: Tensor) -> None:
+    """NaN / inf values would reach every row in the dense reference (0 * NaN) but
+    only the rows that select them in the sparse paths: rejected everywhere."""
+    if v.numel() == 0:
+        return
+    if v.device.type == "cpu" and _ext._C is not None and v.dtype in _ext.DTYPE_CODES:
+        ok = _ext._C.all_finite(_ext.as_array(v.contiguous()), _ext.dtype_code(v), _ext.num_threads())
+    else:
+        ok = bool(torch.isfinite(v).all())
+    if not ok:
+        raise ValueError(f"fastad.ops.{op}: `values` contains NaN or infinite entries ({describe(v)})")
+
+
 def _check_mask_nonempty(op: str, mask: Optional[Tensor]) -> None:
     if mask is not None and mask.numel() and not bool(mask.any(dim=-1).all()):
         b = int((~mask.any(dim=-1)).nonzero()[0, 0])
@@ -232,6 +245,7 @@ def dict_lookup_reference(query: Tensor, keys: Tensor, values: Tensor, scale: Op
     differentiable by autograd (argmax: values only). Peak memory O(B N M)."""
     q, k, v, mask, scale, squeeze = _canonical("dict_lookup_reference", query, keys, values, scale, mode, key_mask)
     _check_mask_nonempty("dict_lookup_reference", mask)
+    _check_values_finite("dict_lookup_reference", v)
     cdt = _compute_dtype(q.dtype)
     z = _masked_logits(q, k, scale, mask)
     _check_logits("dict_lookup_reference", z, mask)
@@ -491,6 +505,7 @@ def _lookup_sparse_op(q: Tensor, k: Tensor, v: Tensor, scale: float, argmax: boo
                       backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     name = _resolve_lookup_backend(q, backend)
     _check_mask_nonempty("dict_lookup", key_mask)
+    _check_values_finite("dict_lookup", v)
     B, N, _ = q.shape
     cdt = _compute_dtype(q.dtype)
     if B * N == 0:
@@ -580,6 +595,7 @@ def _lookup_softmax_op(q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: 
                        backend: Optional[str]) -> tuple[Tensor, Tensor]:
     name = _resolve_lookup_backend(q, backend)
     _check_mask_nonempty("dict_lookup", key_mask)
+    _check_values_finite("dict_lookup", v)
     B, N, _ = q.shape
     cdt = _compute_dtype(q.dtype)
     if name == "cpu" and B * N:
@@ -682,8 +698,10 @@ def dict_lookup(query: Tensor, keys: Tensor, values: Tensor, scale: Optional[flo
     Returns:
         out [B, N, Cv] (or [N, Cv]) in the input dtype; with return_weights,
         ``(out, LookupWeights)``. NaN / infinite logits of unmasked keys raise
-        ValueError. Differentiable w.r.t. query, keys and values (argmax: values
-        only); the sparse backward costs O(B N k C) with k the support size.
+        ValueError, and so do NaN / infinite values (the dense definition would
+        spread them to every row through 0 * NaN). Differentiable w.r.t. query,
+        keys and values (argmax: values only); the sparse backward costs
+        O(B N k C) with k the support size.
 
     Peak memory (cpu / triton, sparsemax and argmax): O(B N k) for the weights
     plus O(min(B N, 2304) C) packed queries and O(T * min(B N, 2304) * 32)
