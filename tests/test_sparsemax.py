@@ -219,7 +219,7 @@ def test_lookup_reference_matches_independent_computation(mode):
 # ---------------------------------------------------------------------------
 # dict_lookup: fast backends against the reference
 
-CPU_SHAPES = [(1, 1, 1, 1, 1), (2, 7, 13, 5, 3), (1, 37, 130, 33, 17), (2, 20, 513, 64, 8)]
+CPU_SHAPES = [(1, 1, 1, 1, 1), (2, 7, 13, 5, 3), (1, 37, 130, 33, 17), (2, 20, 513, 64, 8), (1, 13, 70, 600, 5)]
 
 
 @requires_cpu_ext

@@ -36,6 +36,8 @@ constexpr int kF32 = 0, kF16 = 1, kBF16 = 2;  // csrc/common.h DType
 constexpr int MR = 6;    // query rows per register tile
 constexpr int NR = 16;   // keys per register tile
 constexpr int NC = 64;   // keys per packed block: NC * C floats stay in L2
+constexpr int KC = 256;  // depth per pass: the 16 x KC key slice stays in L1 across query panels
+constexpr int PB = 16;   // query panels per row block: their 6 x KC slices (96 KiB) stay in L2
 constexpr int64_t RC = 2304;  // query rows packed at a time (bounds the packed copy)
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -196,13 +198,28 @@ void pack_panel(const void* src, int dtype, int64_t row0, int64_t nrows, int64_t
   }
 }
 
-// tile[6][16] = A(6 x C, packed) . B(C x 16, packed)
-void micro_6x16(const float* A, const float* B, int64_t C, float* tile) {
+// tile[6][16] (+)= A(6 x C, packed) . B(C x 16, packed); A and B advance by
+// 6 and 16 floats per step of depth.
+void micro_6x16(const float* A, const float* B, int64_t C, float* tile, bool accumulate) {
 #if defined(__AVX2__)
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
          c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
          c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
          c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  if (accumulate) {
+    c00 = _mm256_load_ps(tile + 0);
+    c01 = _mm256_load_ps(tile + 8);
+    c10 = _mm256_load_ps(tile + 16);
+    c11 = _mm256_load_ps(tile + 24);
+    c20 = _mm256_load_ps(tile + 32);
+    c21 = _mm256_load_ps(tile + 40);
+    c30 = _mm256_load_ps(tile + 48);
+    c31 = _mm256_load_ps(tile + 56);
+    c40 = _mm256_load_ps(tile + 64);
+    c41 = _mm256_load_ps(tile + 72);
+    c50 = _mm256_load_ps(tile + 80);
+    c51 = _mm256_load_ps(tile + 88);
+  }
 #pragma GCC unroll 4
   for (int64_t k = 0; k < C; ++k) {
     const __m256 b0 = _mm256_load_ps(B), b1 = _mm256_load_ps(B + 8);
@@ -241,6 +258,7 @@ void micro_6x16(const float* A, const float* B, int64_t C, float* tile) {
   _mm256_store_ps(tile + 88, c51);
 #else
   float acc[MR * NR] = {0.0f};
+  if (accumulate) std::memcpy(acc, tile, sizeof(acc));
   for (int64_t k = 0; k < C; ++k) {
     for (int i = 0; i < MR; ++i) {
       const float a = A[k * MR + i];
@@ -374,12 +392,13 @@ int dict_topk(const void* q, int qdt, int64_t R, int64_t C, const void* keys, in
   const int64_t rc_max = std::min<int64_t>(R, RC);
   const int64_t panels_max = (rc_max + MR - 1) / MR;
   FloatBuf qp(panels_max * MR * C);
-  std::vector<FloatBuf> kp, tmp;
+  std::vector<FloatBuf> kp, tmp, cbuf;
   std::vector<TopK> tops(static_cast<size_t>(T));
   std::vector<std::vector<uint16_t>> vbits(static_cast<size_t>(T), std::vector<uint16_t>(NC / NR));
   for (int t = 0; t < T; ++t) {
     kp.emplace_back(static_cast<int64_t>(NC) * C);
     tmp.emplace_back(C);
+    cbuf.emplace_back(static_cast<int64_t>(PB) * (NC / NR) * MR * NR);
     tops[static_cast<size_t>(t)].allocate(rc_max, K);
   }
   std::vector<int> bad(static_cast<size_t>(T), 0);
@@ -412,7 +431,7 @@ int dict_topk(const void* q, int qdt, int64_t R, int64_t C, const void* keys, in
       top.reset(rc);
       float* kb = kp[static_cast<size_t>(tid)].p;
       uint16_t* vb = vbits[static_cast<size_t>(tid)].data();
-      alignas(64) float tile[MR * NR];
+      float* cb = cbuf[static_cast<size_t>(tid)].p;
       int nonfinite = 0;
       for (int64_t blk = b_lo; blk < b_hi && p_lo < p_hi; ++blk) {
         const int64_t j0 = blk * NC;
@@ -427,24 +446,38 @@ int dict_topk(const void* q, int qdt, int64_t R, int64_t C, const void* keys, in
             if (mask == nullptr || mask[kj + j]) bits |= 1u << j;
           vb[jp] = static_cast<uint16_t>(bits);
         }
-        for (int64_t p = p_lo; p < p_hi; ++p) {
-          const int nrows = static_cast<int>(std::min<int64_t>(MR, rc - p * MR));
-          for (int jp = 0; jp < npk; ++jp) {
-            const unsigned valid = vb[jp];
-            if (!valid) continue;
-            micro_6x16(qp.p + p * MR * C, kb + static_cast<int64_t>(jp) * NR * C, C, tile);
-            for (int i = 0; i < MR * NR; ++i) tile[i] *= scale;
-            const int32_t key0 = static_cast<int32_t>(j0 + jp * NR);
-            for (int i = 0; i < nrows; ++i) {
-              const int64_t row = p * MR + i;
-              const float* z = tile + i * NR;
-              unsigned nf = 0;
-              unsigned b = above_bits(z, top.thr[static_cast<size_t>(row)], &nf) & valid;
-              nonfinite |= static_cast<int>((nf & valid) != 0);
-              while (b) {
-                const int j = __builtin_ctz(b);
-                b &= b - 1;
-                if (z[j] > top.thr[static_cast<size_t>(row)]) top.push(row, z[j], key0 + j);
+        for (int64_t p0 = p_lo; p0 < p_hi; p0 += PB) {
+          const int64_t p1 = std::min<int64_t>(p_hi, p0 + PB);
+          // One pass per KC-deep slice: the key slice is reused from L1 by
+          // every panel of the row block, partial tiles wait in cb.
+          for (int64_t c0 = 0; c0 == 0 || c0 < C; c0 += KC) {
+            const int64_t kc = std::min<int64_t>(KC, C - c0);
+            for (int jp = 0; jp < npk; ++jp) {
+              if (!vb[jp]) continue;
+              const float* B = kb + static_cast<int64_t>(jp) * NR * C + c0 * NR;
+              for (int64_t p = p0; p < p1; ++p)
+                micro_6x16(qp.p + p * MR * C + c0 * MR, B, kc, cb + ((p - p0) * (NC / NR) + jp) * MR * NR, c0 > 0);
+            }
+          }
+          for (int64_t p = p0; p < p1; ++p) {
+            const int nrows = static_cast<int>(std::min<int64_t>(MR, rc - p * MR));
+            for (int jp = 0; jp < npk; ++jp) {
+              const unsigned valid = vb[jp];
+              if (!valid) continue;
+              float* tile = cb + ((p - p0) * (NC / NR) + jp) * MR * NR;
+              for (int i = 0; i < MR * NR; ++i) tile[i] *= scale;
+              const int32_t key0 = static_cast<int32_t>(j0 + jp * NR);
+              for (int i = 0; i < nrows; ++i) {
+                const int64_t row = p * MR + i;
+                const float* z = tile + i * NR;
+                unsigned nf = 0;
+                unsigned b = above_bits(z, top.thr[static_cast<size_t>(row)], &nf) & valid;
+                nonfinite |= static_cast<int>((nf & valid) != 0);
+                while (b) {
+                  const int j = __builtin_ctz(b);
+                  b &= b - 1;
+                  if (z[j] > top.thr[static_cast<size_t>(row)]) top.push(row, z[j], key0 + j);
+                }
               }
             }
           }
@@ -799,7 +832,7 @@ int dict_softmax_fwd(const void* q, int dt, int64_t R, int64_t C, const void* ke
         for (int64_t p = p_lo; p < p_hi; ++p) {
           for (int jp = 0; jp < npk; ++jp) {
             if (vbits[jp]) {
-              micro_6x16(qp.p + p * MR * C, kb + static_cast<int64_t>(jp) * NR * C, C, tile);
+              micro_6x16(qp.p + p * MR * C, kb + static_cast<int64_t>(jp) * NR * C, C, tile, false);
             }
             for (int i = 0; i < MR; ++i)
               for (int j = 0; j < NR; ++j) {
