@@ -23,6 +23,7 @@ from fastad._backend import triton_interpret
 
 EMPTY_KEY = 1 << 29  # key index of an empty top-K slot (+ slot number: unique per row)
 _EMPTY = tl.constexpr(EMPTY_KEY)
+_NO_KEY = tl.constexpr(2 * EMPTY_KEY)  # above every key and empty slot
 
 
 @triton.jit
@@ -57,7 +58,7 @@ def _topk_kernel(q_ptr, k_ptr, mask_ptr, vals_ptr, idx_ptr, flag_ptr, N, M, C, k
     k_base = k_ptr + b * k_batch_stride
     slot = tl.arange(0, K)
     top_v = tl.full((BLOCK_M, K), float("-inf"), dtype=tl.float32)
-    top_i = tl.zeros((BLOCK_M, K), dtype=tl.int32) + (_EMPTY + slot)[None, :]
+    top_i = tl.zeros((BLOCK_M, K), dtype=tl.int32) + _EMPTY + slot[None, :]
     thr = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
     lo = pid_s * keys_per_split
@@ -77,7 +78,7 @@ def _topk_kernel(q_ptr, k_ptr, mask_ptr, vals_ptr, idx_ptr, flag_ptr, N, M, C, k
         todo = tl.sum(tl.sum((zc > float("-inf")).to(tl.int32), axis=1), axis=0)
         while todo > 0:
             best = tl.max(zc, axis=1)
-            bkey = tl.min(tl.where(zc == best[:, None], keys[None, :], 2 * _EMPTY), axis=1)
+            bkey = tl.min(tl.where(zc == best[:, None], keys[None, :], _NO_KEY), axis=1)
             has = best > float("-inf")
             wv = tl.min(top_v, axis=1)
             wk = tl.max(tl.where(top_v == wv[:, None], top_i, -1), axis=1)
