@@ -405,18 +405,16 @@ def _sparse_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, 
 
 
 def _gather(w: Tensor, idx: Tensor, v: Tensor, backend: str) -> Tensor:
-    """out[b, n] = sum_s w[b, n, s] v[b, idx[b, n, s]] in float32."""
+    """out[b, n] = sum_s w[b, n, s] v[b, idx[b, n, s]] in float32 (cpu or triton)."""
     B, N, _ = w.shape
     if backend == "cpu":
         out = torch.empty(B, N, v.shape[2], dtype=torch.float32)
         _ext._C.dict_gather(w.contiguous().numpy(), idx.contiguous().numpy(), _ext.as_array(v.contiguous()),
                             _ext.dtype_code(v), out.numpy(), _ext.num_threads())
         return out
-    if backend == "triton":
-        from fastad.kernels import sparsemax as tk
+    from fastad.kernels import sparsemax as tk
 
-        return tk.gather(w, idx, v)
-    return _gather_torch(w, idx, v)
+    return tk.gather(w, idx, v)
 
 
 def _flat_rows(idx: Tensor, n_batch: int, M: int) -> Tensor:
@@ -431,20 +429,6 @@ def _flat_rows(idx: Tensor, n_batch: int, M: int) -> Tensor:
 def _row_chunks(n_rows: int, per_row: int) -> tuple[range, int]:
     chunk = max(1, _DENSE_CHUNK_ELEMS // max(per_row, 1))
     return range(0, n_rows, chunk), chunk
-
-
-def _gather_torch(w: Tensor, idx: Tensor, v: Tensor) -> Tensor:
-    B, N, kk = w.shape
-    Cv = v.shape[2]
-    cdt = w.dtype
-    vf = v.reshape(-1, Cv)
-    flat = _flat_rows(idx, v.shape[0], v.shape[1])
-    out = torch.empty(B, N, Cv, dtype=cdt, device=w.device)
-    starts, chunk = _row_chunks(N, kk * Cv)
-    for s in starts:
-        vg = vf[flat[:, s:s + chunk]].to(cdt)  # [B, n, k, Cv]
-        out[:, s:s + chunk] = torch.einsum("bnk,bnkc->bnc", w[:, s:s + chunk], vg)
-    return out
 
 
 def _sparse_backward_torch(q, k, v, idx, w, g, scale: float, argmax: bool):
