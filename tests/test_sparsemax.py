@@ -310,6 +310,36 @@ def test_lookup_ties_exact_integer_logits(backend):
     assert int(lw.indices[0, 0, 0]) == 40 and int(lw.indices[0, 1, 0]) == 3
 
 
+@requires_cpu_ext
+def test_lookup_cpu_random_cases_against_float64_reference():
+    """Random shapes, scales from 1e-3 (support of every key) to 30 (one key),
+    integer data with ties, masks and thread counts, against the float64 definition."""
+    rng = np.random.default_rng(17)
+    before = torch.get_num_threads()
+    try:
+        for case in range(30):
+            B, N, M = int(rng.integers(1, 4)), int(rng.integers(1, 30)), int(rng.integers(1, 200))
+            C, Cv = int(rng.choice([1, 3, 8, 17, 300])), int(rng.integers(1, 7))
+            q, k, v = lookup_inputs(B, N, M, C, Cv, batched_keys=bool(rng.random() < 0.5), seed=100 + case)
+            if rng.random() < 0.3:
+                q, k = q.round(), k.round()
+            mask = None
+            if rng.random() < 0.5:
+                mask = torch.from_numpy(rng.random((B, M)) > rng.random() * 0.9)
+                mask[:, int(rng.integers(M))] = True
+            scale = float(10 ** rng.uniform(-3, 1.5))
+            mode = str(rng.choice(["sparsemax", "sparsemax", "argmax", "softmax"]))
+            torch.set_num_threads(int(rng.integers(1, 3)))
+            out, lw = fastad.ops.dict_lookup(q, k, v, scale, mode, mask, return_weights=True, backend="cpu")
+            ref, rlw = smx.dict_lookup_reference(q.double(), k.double(), v.double(), scale, mode, mask,
+                                                 return_weights=True)
+            torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=1e-3, msg=f"case {case}")
+            torch.testing.assert_close(dense_weights(lw, M).double(), dense_weights(rlw, M), atol=1e-4, rtol=0,
+                                       msg=f"case {case}")
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_lookup_2d_query_empty_query_and_default_scale():
     q, k, v = lookup_inputs(1, 5, 30, 16, 3)
     for backend in ["reference"] + fast_backends():
@@ -360,7 +390,7 @@ def test_lookup_argument_errors():
         f(q, k[:, :5], v)
     with pytest.raises(ValueError, match="`values` must have M = 20"):
         f(q, k, v[:7])
-    with pytest.raises(ValueError, match="`keys` must have batch size 2"):
+    with pytest.raises(ValueError, match="`keys` must have batch size 2 like `query` \\(or 1"):
         f(q, k.expand(3, 20, 8), v)
     with pytest.raises(TypeError, match="`keys` and `query` must have one dtype"):
         f(q, k.double(), v)

@@ -284,9 +284,9 @@ def _canonical(op: str, query, keys, values, scale, mode, key_mask):
     B = query.shape[0] if query.dim() == 3 else 1
     C = query.shape[-1]
     for name, t in (("keys", keys), ("values", values)):
-        if t.dim() == 3 and t.shape[0] != B:
+        if t.dim() == 3 and t.shape[0] not in (1, B):
             raise ValueError(f"fastad.ops.{op}: `{name}` must have batch size {B} like `query` "
-                             f"(or be 2-D, shared), got {describe(t)}")
+                             f"(or 1, or be 2-D: shared), got {describe(t)}")
     if keys.shape[-1] != C:
         raise ValueError(f"fastad.ops.{op}: `keys` must have C = {C} channels like `query`, "
                          f"got {describe(keys)} and query {describe(query)}")
@@ -667,8 +667,9 @@ def dict_lookup(query: Tensor, keys: Tensor, values: Tensor, scale: Optional[flo
 
     Args:
         query: [B, N, C] (or [N, C]) float32 / float16 / bfloat16 / float64.
-        keys: [M, C] shared by the batch, or [B, M, C]; M >= 1 (M = 0 raises).
-        values: [M, Cv] or [B, M, Cv]; same dtype and device as query.
+        keys: [M, C] (or [1, M, C]) shared by the batch, or [B, M, C]; M >= 1
+            (M = 0 raises).
+        values: [M, Cv] or [B, M, Cv] (or [1, M, Cv]); same dtype and device as query.
         scale: logit scale; None means C ** -0.5.
         mode: "sparsemax" (exact, sparse support), "softmax", or "argmax"
             (weight 1 on the largest logit, lowest key among ties).
