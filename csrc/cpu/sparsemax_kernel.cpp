@@ -2,11 +2,11 @@
 //
 // sparsemax_rows: exact sparsemax of each row by partial selection. The
 //   threshold tau lies in [max - 1, max), so only entries above max - 1 can be
-//   in the support; tau is found on those candidates (Michelot's fixed point,
-//   then a sort when it converges slowly), never by sorting the row.
+//   in the support; tau is found on those candidates by Michelot's fixed point,
+//   never by sorting the row.
 // dict_topk: logits q . k * scale of every row against every key by a blocked
-//   fp32 FMA GEMM (6 x 16 register tile, packed panels), fused with a running
-//   per-row top-K; the N x M logits are never stored.
+//   fp32 FMA GEMM (6 x 16 register tile, packed panels, KC-deep passes), fused
+//   with a running per-row top-K; the N x M logits are never stored.
 // dict_gather / dict_sparse_backward: the weighted sum of the few supported
 //   values and the sparse backward, O(rows * k * C).
 // dict_softmax_fwd: online-softmax (flash-style) lookup over key blocks.
@@ -15,11 +15,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <numeric>
 #include <utility>
 #include <vector>
 
@@ -342,6 +340,22 @@ struct TopK {
   }
 };
 
+// Logit tiles of query panels [p0, p1) against the npk key micro-panels of a
+// packed block: cb[((p - p0) * npk_max + jp) * 96 ...] = the 6 x 16 tile, unscaled.
+// One pass per KC-deep slice: a key slice is reused from L1 by every panel.
+void block_logits(const float* qp, const float* kb, int64_t C, int64_t p0, int64_t p1, int npk, int npk_max,
+                  const uint16_t* vbits, float* cb) {
+  for (int64_t c0 = 0; c0 == 0 || c0 < C; c0 += KC) {
+    const int64_t kc = std::min<int64_t>(KC, C - c0);
+    for (int jp = 0; jp < npk; ++jp) {
+      if (!vbits[jp]) continue;
+      const float* B = kb + static_cast<int64_t>(jp) * NR * C + c0 * NR;
+      for (int64_t p = p0; p < p1; ++p)
+        micro_6x16(qp + p * MR * C + c0 * MR, B, kc, cb + ((p - p0) * npk_max + jp) * MR * NR, c0 > 0);
+    }
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -448,17 +462,7 @@ int dict_topk(const void* q, int qdt, int64_t R, int64_t C, const void* keys, in
         }
         for (int64_t p0 = p_lo; p0 < p_hi; p0 += PB) {
           const int64_t p1 = std::min<int64_t>(p_hi, p0 + PB);
-          // One pass per KC-deep slice: the key slice is reused from L1 by
-          // every panel of the row block, partial tiles wait in cb.
-          for (int64_t c0 = 0; c0 == 0 || c0 < C; c0 += KC) {
-            const int64_t kc = std::min<int64_t>(KC, C - c0);
-            for (int jp = 0; jp < npk; ++jp) {
-              if (!vb[jp]) continue;
-              const float* B = kb + static_cast<int64_t>(jp) * NR * C + c0 * NR;
-              for (int64_t p = p0; p < p1; ++p)
-                micro_6x16(qp.p + p * MR * C + c0 * MR, B, kc, cb + ((p - p0) * (NC / NR) + jp) * MR * NR, c0 > 0);
-            }
-          }
+          block_logits(qp.p, kb, C, p0, p1, npk, NC / NR, vb, cb);
           for (int64_t p = p0; p < p1; ++p) {
             const int nrows = static_cast<int>(std::min<int64_t>(MR, rc - p * MR));
             for (int jp = 0; jp < npk; ++jp) {
@@ -766,10 +770,11 @@ int dict_softmax_fwd(const void* q, int dt, int64_t R, int64_t C, const void* ke
   const int64_t rc_max = std::min<int64_t>(R, RS);
   const int64_t panels_max = (rc_max + MR - 1) / MR;
   FloatBuf qp(panels_max * MR * C);
-  std::vector<FloatBuf> kp, vp, acc, tmp;
+  std::vector<FloatBuf> kp, vp, acc, tmp, cbuf;
   std::vector<std::vector<float>> mrow(static_cast<size_t>(T)), lrow(static_cast<size_t>(T));
   for (int t = 0; t < T; ++t) {
     kp.emplace_back(static_cast<int64_t>(NCS) * C);
+    cbuf.emplace_back(static_cast<int64_t>(PB) * (NCS / NR) * MR * NR);
     vp.emplace_back(dt == kF32 ? 0 : static_cast<int64_t>(NCS) * Cv);
     acc.emplace_back(panels_max * MR * Cv);
     tmp.emplace_back(std::max(C, Cv));
@@ -804,7 +809,7 @@ int dict_softmax_fwd(const void* q, int dt, int64_t R, int64_t C, const void* ke
       std::fill(mr, mr + npanels * MR, -kInf);
       std::fill(lr, lr + npanels * MR, 0.0f);
       float* kb = kp[static_cast<size_t>(tid)].p;
-      alignas(64) float tile[MR * NR];
+      float* cb = cbuf[static_cast<size_t>(tid)].p;
       alignas(64) float z[MR * NCS];
       alignas(64) float P[MR * NCS];
       uint16_t vbits[NCS / NR];
@@ -829,39 +834,41 @@ int dict_softmax_fwd(const void* q, int dt, int64_t R, int64_t C, const void* ke
           load_f32(values, dt, j0 * Cv, nk * Cv, vp[static_cast<size_t>(tid)].p);
           V = vp[static_cast<size_t>(tid)].p;
         }
-        for (int64_t p = p_lo; p < p_hi; ++p) {
-          for (int jp = 0; jp < npk; ++jp) {
-            if (vbits[jp]) {
-              micro_6x16(qp.p + p * MR * C, kb + static_cast<int64_t>(jp) * NR * C, C, tile, false);
+        for (int64_t p0 = p_lo; p0 < p_hi; p0 += PB) {
+          const int64_t p1 = std::min<int64_t>(p_hi, p0 + PB);
+          block_logits(qp.p, kb, C, p0, p1, npk, NCS / NR, vbits, cb);
+          for (int64_t p = p0; p < p1; ++p) {
+            for (int jp = 0; jp < npk; ++jp) {
+              const float* tile = cb + ((p - p0) * (NCS / NR) + jp) * MR * NR;
+              for (int i = 0; i < MR; ++i)
+                for (int j = 0; j < NR; ++j) {
+                  const bool ok = (vbits[jp] >> j) & 1u;
+                  const float v = tile[i * NR + j] * scale;
+                  nonfinite |= static_cast<int>(ok && !(std::fabs(v) < kInf));
+                  z[i * NCS + jp * NR + j] = ok ? v : -kInf;
+                }
             }
-            for (int i = 0; i < MR; ++i)
-              for (int j = 0; j < NR; ++j) {
-                const bool ok = (vbits[jp] >> j) & 1u;
-                const float v = tile[i * NR + j] * scale;
-                nonfinite |= static_cast<int>(ok && !(std::fabs(v) < kInf));
-                z[i * NCS + jp * NR + j] = ok ? v : -kInf;
+            float* Ap = A + p * MR * Cv;
+            for (int i = 0; i < MR; ++i) {
+              const int64_t row = p * MR + i;
+              float bm = -kInf;
+              for (int j = 0; j < nk; ++j) bm = std::max(bm, z[i * NCS + j]);
+              const float m_new = std::max(mr[row], bm);
+              if (m_new == -kInf) {  // nothing unmasked yet in this row
+                std::fill(P + i * NCS, P + i * NCS + nk, 0.0f);
+                continue;
               }
-          }
-          float* Ap = A + p * MR * Cv;
-          for (int i = 0; i < MR; ++i) {
-            const int64_t row = p * MR + i;
-            float bm = -kInf;
-            for (int j = 0; j < nk; ++j) bm = std::max(bm, z[i * NCS + j]);
-            const float m_new = std::max(mr[row], bm);
-            if (m_new == -kInf) {  // nothing unmasked yet in this row
-              std::fill(P + i * NCS, P + i * NCS + nk, 0.0f);
-              continue;
+              if (m_new > mr[row]) {
+                const float alpha = mr[row] == -kInf ? 0.0f : std::exp(mr[row] - m_new);
+                lr[row] *= alpha;
+                float* ar = Ap + i * Cv;
+                for (int64_t c = 0; c < Cv; ++c) ar[c] *= alpha;
+                mr[row] = m_new;
+              }
+              lr[row] += exp_shift(z + i * NCS, m_new, nk, P + i * NCS);
             }
-            if (m_new > mr[row]) {
-              const float alpha = mr[row] == -kInf ? 0.0f : std::exp(mr[row] - m_new);
-              lr[row] *= alpha;
-              float* ar = Ap + i * Cv;
-              for (int64_t c = 0; c < Cv; ++c) ar[c] *= alpha;
-              mr[row] = m_new;
-            }
-            lr[row] += exp_shift(z + i * NCS, m_new, nk, P + i * NCS);
+            accumulate_pv(P, nk, V, Cv, Ap);
           }
-          accumulate_pv(P, nk, V, Cv, Ap);
         }
       }
       bad[static_cast<size_t>(tid)] |= nonfinite;
