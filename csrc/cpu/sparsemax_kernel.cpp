@@ -726,18 +726,37 @@ float exp_shift(const float* z, float m, int n, float* p) {
   return sum;
 }
 
-// acc[i][0:Cv] += sum_k P[i][k] * V[k][0:Cv] for i < 6, k < nk (acc rows at stride Cv).
-void accumulate_pv(const float* P, int nk, const float* V, int64_t Cv, float* acc) {
-  int64_t c = 0;
+// Value block in 16-column strips: Vp[(s * nk + k) * 16 + j] = V[k][16 s + j]
+// (zero padded), so that the P . V pass reads one contiguous stream per strip
+// instead of nk row streams.
+void pack_values(const void* v, int dt, int64_t j0, int nk, int64_t Cv, float* Vp, float* tmp) {
+  const int64_t strips = (Cv + NR - 1) / NR;
+  for (int k = 0; k < nk; ++k) {
+    load_f32(v, dt, (j0 + k) * Cv, Cv, tmp);
+    for (int64_t s = 0; s < strips; ++s) {
+      float* d = Vp + (s * nk + k) * NR;
+      const int64_t w = std::min<int64_t>(NR, Cv - s * NR);
+      std::memcpy(d, tmp + s * NR, static_cast<size_t>(w) * sizeof(float));
+      std::fill(d + w, d + NR, 0.0f);
+    }
+  }
+}
+
+// acc[i][0:Cv] += sum_k P[i][k] * V[k][0:Cv] for i < 6, k < nk (acc rows at
+// stride Cv, V packed by pack_values).
+void accumulate_pv(const float* P, int nk, const float* Vp, int64_t Cv, float* acc) {
+  int64_t s = 0;
 #if defined(__AVX2__)
-  for (; c + 16 <= Cv; c += 16) {
+  for (; (s + 1) * NR <= Cv; ++s) {
+    const int64_t c = s * NR;
+    const float* B = Vp + s * nk * NR;
     __m256 a[MR][2];
     for (int i = 0; i < MR; ++i) {
       a[i][0] = _mm256_loadu_ps(acc + i * Cv + c);
       a[i][1] = _mm256_loadu_ps(acc + i * Cv + c + 8);
     }
     for (int k = 0; k < nk; ++k) {
-      const __m256 b0 = _mm256_loadu_ps(V + k * Cv + c), b1 = _mm256_loadu_ps(V + k * Cv + c + 8);
+      const __m256 b0 = _mm256_load_ps(B + k * NR), b1 = _mm256_load_ps(B + k * NR + 8);
       for (int i = 0; i < MR; ++i) {
         const __m256 p = _mm256_broadcast_ss(P + i * NCS + k);
         a[i][0] = _mm256_fmadd_ps(p, b0, a[i][0]);
@@ -750,11 +769,15 @@ void accumulate_pv(const float* P, int nk, const float* V, int64_t Cv, float* ac
     }
   }
 #endif
-  for (int i = 0; i < MR; ++i)
-    for (int k = 0; k < nk; ++k) {
-      const float p = P[i * NCS + k];
-      for (int64_t cc = c; cc < Cv; ++cc) acc[i * Cv + cc] += p * V[k * Cv + cc];
-    }
+  for (; s * NR < Cv; ++s) {
+    const int64_t c = s * NR, w = std::min<int64_t>(NR, Cv - c);
+    const float* B = Vp + s * nk * NR;
+    for (int i = 0; i < MR; ++i)
+      for (int k = 0; k < nk; ++k) {
+        const float p = P[i * NCS + k];
+        for (int64_t j = 0; j < w; ++j) acc[i * Cv + c + j] += p * B[k * NR + j];
+      }
+  }
 }
 
 }  // namespace
@@ -775,7 +798,7 @@ int dict_softmax_fwd(const void* q, int dt, int64_t R, int64_t C, const void* ke
   for (int t = 0; t < T; ++t) {
     kp.emplace_back(static_cast<int64_t>(NCS) * C);
     cbuf.emplace_back(static_cast<int64_t>(PB) * (NCS / NR) * MR * NR);
-    vp.emplace_back(dt == kF32 ? 0 : static_cast<int64_t>(NCS) * Cv);
+    vp.emplace_back(static_cast<int64_t>(NCS) * ((Cv + NR - 1) / NR) * NR);
     acc.emplace_back(panels_max * MR * Cv);
     tmp.emplace_back(std::max(C, Cv));
     mrow[static_cast<size_t>(t)].resize(static_cast<size_t>(panels_max * MR));
@@ -827,13 +850,8 @@ int dict_softmax_fwd(const void* q, int dt, int64_t R, int64_t C, const void* ke
             if (mask == nullptr || mask[kj + j]) bits |= 1u << j;
           vbits[jp] = static_cast<uint16_t>(bits);
         }
-        const float* V;
-        if (dt == kF32) {
-          V = static_cast<const float*>(values) + j0 * Cv;
-        } else {
-          load_f32(values, dt, j0 * Cv, nk * Cv, vp[static_cast<size_t>(tid)].p);
-          V = vp[static_cast<size_t>(tid)].p;
-        }
+        const float* V = vp[static_cast<size_t>(tid)].p;
+        pack_values(values, dt, j0, nk, Cv, vp[static_cast<size_t>(tid)].p, tb);
         for (int64_t p0 = p_lo; p0 < p_hi; p0 += PB) {
           const int64_t p1 = std::min<int64_t>(p_hi, p0 + PB);
           block_logits(qp.p, kb, C, p0, p1, npk, NCS / NR, vbits, cb);
