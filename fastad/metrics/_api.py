@@ -319,7 +319,9 @@ def region_f1(maps: ArrayLike, masks: ArrayLike, iou: float = 0.6, num_threshold
     inside the union of the two bounding boxes is >= ``iou`` (SAA+ crops both full
     masks to that box, so nearby regions count too). recall = hits / #ground-truth
     regions, precision = hits / #predicted regions (a threshold with no hit or no
-    prediction scores 0); the result is the largest F1 over the thresholds.
+    prediction scores 0); the result is the largest F1 over the thresholds. As in
+    SAA+, several predicted regions can hit one ground-truth region, so recall (and
+    F1) can exceed 1.
 
     The ground-truth regions are labelled once and the predicted regions are grown
     with one union-find per image as the threshold falls (C++), instead of relabelling
