@@ -122,6 +122,11 @@ void fail_labels(const char* fn, int64_t img) {
 
 int threads_arg(int n) { return resolve_threads(n); }
 
+// The exact curves count negatives in uint32 slots.
+void require_count(const char* fn, int64_t n) {
+  if (n >= (int64_t(1) << 32)) fail(fn, "at most 2^32 - 1 scores per call, got " + std::to_string(n));
+}
+
 // Non-empty, ascending, 1-D float64 thresholds.
 const double* thresholds_arg(const char* fn, const py::array& th) {
   if (!th.dtype().is(py::dtype::of<double>()) || th.ndim() != 1 || th.shape(0) < 1)
@@ -143,6 +148,7 @@ FASTAD_REGISTER(metrics) {
         const bool f64 = score_arg(fn, "scores", scores, 1);
         const int64_t n = scores.shape(0);
         const uint8_t* y = u8_arg(fn, "labels", labels, {n});
+        require_count(fn, n);
         double out[3];
         int64_t info[4];
         {
@@ -207,6 +213,7 @@ FASTAD_REGISTER(metrics) {
         const int64_t N = scores.shape(0), hw = scores.shape(1) * scores.shape(2);
         const int32_t* lab = labels_arg(fn, labels, scores);
         const Regions reg = regions_arg(fn, rcount, areas, N);
+        require_count(fn, N * hw);
         if (!(fpr_limit > 0.0 && fpr_limit <= 1.0)) fail(fn, "fpr_limit must be in (0, 1]");
         double out[1];
         int64_t info[1];

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -63,6 +64,19 @@ inline int low_bit(K x) {
   return sizeof(K) == 8 ? __builtin_ctzll(static_cast<unsigned long long>(x))
                         : __builtin_ctz(static_cast<unsigned>(x));
 }
+
+// Exceptions (allocation failures) must not leave an OpenMP region: the first one is
+// kept and rethrown after the region.
+struct OmpError {
+  std::exception_ptr first;
+  void capture() {
+#pragma omp critical(fastad_metrics_error)
+    if (!first) first = std::current_exception();
+  }
+  void rethrow() const {
+    if (first) std::rethrow_exception(first);
+  }
+};
 
 struct NoPayload {};
 
@@ -257,33 +271,39 @@ struct BucketRanker {
     std::vector<std::vector<V>> cv(nc);
     std::vector<int64_t> cnf(nc, 0), cbad(nc, 0);
     std::vector<F> cmin(nc, std::numeric_limits<F>::infinity()), cmax(nc, -std::numeric_limits<F>::infinity());
+    OmpError err;
 #pragma omp parallel for num_threads(std::min(nc, nthreads)) schedule(static, 1)
     for (int t = 0; t < nc; ++t) {
-      int64_t lo, hi;
-      chunk_of(n, nc, t, lo, hi);
-      int64_t nf = 0, bd = 0;
-      F mn = std::numeric_limits<F>::infinity(), mx = -mn;
-      std::vector<K>& keys = ck[t];
-      for (int64_t i = lo; i < hi; ++i) {
-        const F v = s[i];
-        const int c = src.cls(i);
-        if (!is_finite(v)) {
-          ++nf;
-          continue;
+      try {
+        int64_t lo, hi;
+        chunk_of(n, nc, t, lo, hi);
+        int64_t nf = 0, bd = 0;
+        F mn = std::numeric_limits<F>::infinity(), mx = -mn;
+        std::vector<K>& keys = ck[t];
+        for (int64_t i = lo; i < hi; ++i) {
+          const F v = s[i];
+          const int c = src.cls(i);
+          if (!is_finite(v)) {
+            ++nf;
+            continue;
+          }
+          mn = v < mn ? v : mn;
+          mx = v > mx ? v : mx;
+          if (c == 1) {
+            keys.push_back(order_key(v));
+            if constexpr (kPayload) cv[t].push_back(src.payload(i));
+          }
+          bd += c == 2;
         }
-        mn = v < mn ? v : mn;
-        mx = v > mx ? v : mx;
-        if (c == 1) {
-          keys.push_back(order_key(v));
-          if constexpr (kPayload) cv[t].push_back(src.payload(i));
-        }
-        bd += c == 2;
+        cnf[t] = nf;
+        cbad[t] = bd;
+        cmin[t] = mn;
+        cmax[t] = mx;
+      } catch (...) {
+        err.capture();
       }
-      cnf[t] = nf;
-      cbad[t] = bd;
-      cmin[t] = mn;
-      cmax[t] = mx;
     }
+    err.rethrow();
     vmin = cmin[0];
     vmax = cmax[0];
     for (int t = 0; t < nc; ++t) {
@@ -355,35 +375,41 @@ struct BucketRanker {
     std::vector<uint32_t> lts(static_cast<size_t>(ncount) * (m + 1), 0), eqs(static_cast<size_t>(ncount) * (m + 1), 0);
     const uint32_t* tb = table.data();
     const K* keys = pk.data();
+    OmpError err;
 #pragma omp parallel for num_threads(std::min(nc, nthreads)) schedule(static, 1)
     for (int t = 0; t < nc; ++t) {
-      int64_t lo, hi;
-      chunk_of(n, nc, t, lo, hi);
-      uint32_t* lt_t = lts.data() + (shared ? 0 : static_cast<size_t>(t) * (m + 1));
-      uint32_t* eq_t = eqs.data() + (shared ? 0 : static_cast<size_t>(t) * (m + 1));
-      auto& also = also_per_chunk[t];
-      for (int64_t i = lo; i < hi; ++i) {
-        if (src.cls(i)) continue;
-        const F v = s[i];
-        if (!keep(v)) continue;
-        also(v);
-        const int64_t c = fine(v);
-        const int64_t a = tb[c];
-        const K k = order_key(v);
-        int64_t j;
-        if (tb[c + 1] - a <= kProbe) {
-          const K* p = keys + a;
-          int64_t below = 0;
-          for (int q = 0; q < kProbe; ++q) below += p[q] < k;
-          j = a + below;
-        } else {
-          j = std::lower_bound(keys + a, keys + tb[c + 1], k) - keys;
+      try {
+        int64_t lo, hi;
+        chunk_of(n, nc, t, lo, hi);
+        uint32_t* lt_t = lts.data() + (shared ? 0 : static_cast<size_t>(t) * (m + 1));
+        uint32_t* eq_t = eqs.data() + (shared ? 0 : static_cast<size_t>(t) * (m + 1));
+        auto& also = also_per_chunk[t];
+        for (int64_t i = lo; i < hi; ++i) {
+          if (src.cls(i)) continue;
+          const F v = s[i];
+          if (!keep(v)) continue;
+          also(v);
+          const int64_t c = fine(v);
+          const int64_t a = tb[c];
+          const K k = order_key(v);
+          int64_t j;
+          if (tb[c + 1] - a <= kProbe) {
+            const K* p = keys + a;
+            int64_t below = 0;
+            for (int q = 0; q < kProbe; ++q) below += p[q] < k;
+            j = a + below;
+          } else {
+            j = std::lower_bound(keys + a, keys + tb[c + 1], k) - keys;
+          }
+          uint32_t* slot = (keys[j] == k ? eq_t : lt_t) + j;
+          if (shared) __atomic_fetch_add(slot, 1u, __ATOMIC_RELAXED);
+          else ++*slot;
         }
-        uint32_t* slot = (keys[j] == k ? eq_t : lt_t) + j;
-        if (shared) __atomic_fetch_add(slot, 1u, __ATOMIC_RELAXED);
-        else ++*slot;
+      } catch (...) {
+        err.capture();
       }
     }
+    err.rethrow();
     if (!shared) {
       for (int t = 1; t < nc; ++t)
         for (int64_t j = 0; j <= m; ++j) {
@@ -1058,12 +1084,18 @@ void region_f1_impl(const F* s, const int32_t* gl, int64_t nimg, int64_t H, int6
   std::vector<RegionF1Image> work(nt);
   for (auto& w : work) w.init(H, W, T);
   const double inv = inverse_step(asc, T);
+  OmpError err;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t img = 0; img < nimg; ++img) {
     const int t = omp_get_thread_num();
-    work[t].run(s + img * HW, gl + img * HW, gcount[img], asc, T, inv, iou, tp.data() + t * T, np.data() + t * T,
-                cnonfin[t]);
+    try {
+      work[t].run(s + img * HW, gl + img * HW, gcount[img], asc, T, inv, iou, tp.data() + t * T, np.data() + t * T,
+                  cnonfin[t]);
+    } catch (...) {
+      err.capture();
+    }
   }
+  err.rethrow();
   int64_t nonfin = 0;
   for (int t = 0; t < nt; ++t) nonfin += cnonfin[t];
   info[0] = nonfin;
@@ -1101,20 +1133,22 @@ int64_t metrics_label_components(const uint8_t* masks, int64_t nimg, int64_t H, 
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, nimg)));
   std::vector<std::vector<int64_t>> img_areas(static_cast<size_t>(nimg));
   int64_t bad = 0;
+  OmpError err;
 #pragma omp parallel num_threads(nt) reduction(+ : bad)
   {
     std::vector<int32_t> parent;
 #pragma omp for schedule(dynamic, 4)
     for (int64_t i = 0; i < nimg; ++i) {
-      const int64_t r = label_image(masks + i * HW, H, W, labels + i * HW, parent, img_areas[i]);
-      if (r < 0) {
-        ++bad;
-        rcount[i] = 0;
-      } else {
-        rcount[i] = r;
+      try {
+        const int64_t r = label_image(masks + i * HW, H, W, labels + i * HW, parent, img_areas[i]);
+        bad += r < 0;
+        rcount[i] = std::max<int64_t>(r, 0);
+      } catch (...) {
+        err.capture();
       }
     }
   }
+  err.rethrow();
   if (bad) return -1;
   areas->clear();
   for (auto& a : img_areas) areas->insert(areas->end(), a.begin(), a.end());

@@ -75,18 +75,21 @@ def _need(op: str, P: int, N: int, *, neg: bool = True) -> None:
 _CURVE_DOC = """
     ``scores`` are image scores or whole anomaly maps, ``labels`` the matching 0/1
     labels or masks (bool, integer or float holding only 0 and 1), flattened together;
-    torch tensors (CPU or CUDA) or numpy arrays. Exact: scores are sorted, and every
-    group of tied scores is one threshold step, as in scikit-learn. With
+    torch tensors (CPU or CUDA) or numpy arrays. Exact: every distinct score is a
+    threshold and a group of tied scores is one step, as in scikit-learn. With
     ``num_thresholds=n`` the scores are first rounded down to the grid
     ``linspace(min, max, n)`` (binned curve with predictions ``score >= threshold``).
 
     Raises ValueError on NaN / infinite scores or non-binary labels, and
-    UndefinedMetricError (a ValueError) when {undefined}. Constant scores are one
-    threshold step: {constant}.
+    UndefinedMetricError (a ValueError) when {undefined}.
+    Constant scores are one threshold step: {constant}.
 
-    Backends: C++ (parallel radix sort of order-preserving integer keys; peak memory
-    about 8 bytes per score for float32, 16 for float64; binned mode: O(n_thresholds))
-    for CPU inputs, the PyTorch reference (torch.sort) for CUDA inputs or without fastad._C.
+    Backends: C++ for CPU inputs: the positives are radix-sorted and every negative is
+    counted into the gap between two positives through a lookup table, so the
+    negatives are never copied or sorted. Peak memory about 40 bytes per positive
+    plus a table of at most 8 MiB (binned mode: O(num_thresholds)). The PyTorch
+    reference (torch.sort, ~30 bytes per score) runs CUDA inputs and builds without
+    fastad._C.
 """
 
 
@@ -120,12 +123,14 @@ def f1_max(scores: ArrayLike, labels: ArrayLike, *, num_thresholds: int | None =
     return float(f1)
 
 
-auroc.__doc__ += _CURVE_DOC.format(undefined="there is no positive or no negative sample",
-                                   constant="AUROC 0.5")
-average_precision.__doc__ += _CURVE_DOC.format(undefined="there is no positive sample",
-                                               constant="AP = fraction of positives")
-f1_max.__doc__ += _CURVE_DOC.format(undefined="there is no positive sample",
-                                    constant="F1 = 2 P / (2 P + N)")
+def _add_doc(fn, **kw: str) -> None:
+    if fn.__doc__ is not None:  # None under python -OO
+        fn.__doc__ += _CURVE_DOC.format(**kw)
+
+
+_add_doc(auroc, undefined="there is no positive or no negative sample", constant="AUROC 0.5")
+_add_doc(average_precision, undefined="there is no positive sample", constant="AP = fraction of positives")
+_add_doc(f1_max, undefined="there is no positive sample", constant="F1 = 2 P / (2 P + N)")
 
 
 # ---------------------------------------------------------------------------
@@ -263,8 +268,10 @@ def aupro(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3, num_thresho
     below the limit, e.g. constant maps). Exact AUPRO of constant maps is defined:
     one step from (0, 0) to (1, 1), 0.15 at fpr_limit 0.3.
 
-    Peak memory (C++): about 4 bytes per pixel (region labels) plus 8 bytes per pixel
-    scoring above the FPR limit (exact), or O(n_thresholds) (threshold variant).
+    Peak memory (C++): 4 bytes per pixel (region labels) plus about 40 bytes per
+    anomalous pixel and 512 KiB of histograms (exact), or O(num_thresholds) (threshold
+    variant). The exact variant ranks the anomalous pixels among the normal ones
+    above the FPR limit as the curve metrics do; no pixel array is sorted.
     """
     op = "aupro"
     _check_limit(op, fpr_limit)
