@@ -1,10 +1,12 @@
 // Anomaly-detection metrics: exact curves (AUROC, AP, F1-max, AUPRO), binned
 // curves, connected components and the per-threshold region metrics.
 //
-// Exact curves never sort all scores: the positives (usually few) are radix-sorted
-// and the negatives are only counted per value bucket, except those that share a
-// bucket with positives, which are placed among them by a short search. Every tie
-// group is one threshold step, as in scikit-learn and the MVTec AD evaluation code.
+// Exact curves never sort (score, label) pairs together: the negative and the
+// positive scores become order-preserving integer keys, are radix-sorted apart
+// (streaming passes, so the cost stays linear when the data outgrows the caches),
+// and the curve is walked over the distinct positive scores while a galloping
+// search counts the negatives between them. Every tie group is one threshold step,
+// as in scikit-learn and the MVTec AD evaluation code.
 #include <omp.h>
 
 #include <algorithm>
@@ -151,6 +153,70 @@ bool radix_sort(K* keys, K* ktmp, V* vals, V* vtmp, int64_t n, int nthreads) {
   return passes % 2 == 1;
 }
 
+// In ascending a[0, hi): first index whose key is >= k, searching down from hi
+// (the previous group's position) with exponential steps.
+template <typename K>
+inline int64_t gallop_lower(const K* a, int64_t hi, K k) {
+  int64_t r = hi, step = 1, l = hi - 1;
+  while (l >= 0 && !(a[l] < k)) {
+    r = l;
+    l = r - step;
+    step <<= 1;
+  }
+  const int64_t from = l < 0 ? 0 : l + 1;
+  return std::lower_bound(a + from, a + r, k) - a;
+}
+
+// In ascending a[lo, hi): first index whose key is > k, searching up from lo.
+template <typename K>
+inline int64_t gallop_upper(const K* a, int64_t lo, int64_t hi, K k) {
+  int64_t l = lo, step = 1, r = lo;
+  while (r < hi && !(k < a[r])) {
+    l = r + 1;
+    r = l + step - 1;
+    step <<= 1;
+  }
+  if (r > hi) r = hi;
+  return std::upper_bound(a + l, a + r, k) - a;
+}
+
+// Walk the distinct keys of `pos` (ascending, np) from the largest down, in
+// parallel over key ranges. For every positive group the visitor gets the number
+// of negatives strictly between it and the group above (`between`) and the number
+// tied with it (`tied`); `tail` gets the negatives below the lowest positive.
+//   v.begin(t, pos_above, neg_above)  counts above the thread's first group
+//   v.group(t, first, last, between, tied)   pos[first..last] share one key
+//   v.tail(t, count)
+template <typename K, typename Visitor>
+void walk_groups(const K* neg, int64_t nn, const K* pos, int64_t np, int nthreads, Visitor& v) {
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, np / 4096)));
+  std::vector<int64_t> cut(nt + 1);
+  for (int t = 0; t <= nt; ++t) {
+    int64_t c = np / nt * t + std::min<int64_t>(t, np % nt);
+    while (c > 0 && c < np && pos[c] == pos[c - 1]) ++c;
+    cut[t] = c;
+  }
+  v.resize(nt);
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+  for (int t = 0; t < nt; ++t) {
+    const int64_t a = cut[t], b = std::max(cut[t], cut[t + 1]);
+    int64_t hi = b == np ? nn : std::lower_bound(neg, neg + nn, pos[b]) - neg;
+    v.begin(t, np - b, nn - hi);
+    int64_t j = b - 1;
+    while (j >= a) {
+      const K k = pos[j];
+      int64_t jj = j - 1;
+      while (jj >= a && pos[jj] == k) --jj;
+      const int64_t lb = gallop_lower(neg, hi, k);
+      const int64_t ub = gallop_upper(neg, lb, hi, k);
+      v.group(t, jj + 1, j, hi - ub, ub - lb);
+      hi = lb;
+      j = jj;
+    }
+    if (a == 0) v.tail(t, hi);
+  }
+}
+
 // AUROC / AP / F1-max from tie groups visited in descending score order.
 struct CurveAcc {
   int64_t P = 0;
@@ -169,6 +235,26 @@ struct CurveAcc {
   }
 };
 
+struct CurveVisitor {
+  int64_t P;
+  std::vector<CurveAcc> acc;
+  void resize(int nt) {
+    acc.assign(nt, CurveAcc{});
+    for (auto& a : acc) a.P = P;
+  }
+  void begin(int t, int64_t pos_above, int64_t neg_above) {
+    acc[t].tp = pos_above;
+    acc[t].fp = neg_above;
+  }
+  void group(int t, int64_t first, int64_t last, int64_t between, int64_t tied) {
+    if (between) acc[t].group(0, between);
+    acc[t].group(last - first + 1, tied);
+  }
+  void tail(int t, int64_t count) {
+    if (count) acc[t].group(0, count);
+  }
+};
+
 void finish_curve(const std::vector<CurveAcc>& acc, int64_t P, int64_t N, double* out) {
   unsigned __int128 u = 0;
   double ap = 0.0, f1 = 0.0;
@@ -184,307 +270,66 @@ void finish_curve(const std::vector<CurveAcc>& acc, int64_t P, int64_t N, double
 }
 
 template <typename F>
-inline F key_value(typename KeyOf<F>::type k) {
-  using K = typename KeyOf<F>::type;
-  constexpr K kSign = K(1) << (sizeof(K) * 8 - 1);
-  const K u = (k & kSign) ? (k ^ kSign) : ~k;
-  F f;
-  std::memcpy(&f, &u, sizeof(K));
-  return f;
-}
-
-// Monotone map of finite values in [vmin, vmax] onto buckets 0..nb-1, linear in the
-// value (so buckets follow the data's density, unlike the float's bit pattern).
-// Equal values share a bucket and a < b implies bucket(a) <= bucket(b): rounding
-// is monotone and halving keeps the span finite.
-template <typename F>
-struct Bucketer {
-  double lo = 0.0, scale = 0.0;
-  int64_t nb = 1;
-  Bucketer() = default;
-  Bucketer(F vmin, F vmax, int64_t buckets) : lo(0.5 * static_cast<double>(vmin)), nb(buckets) {
-    const double span = 0.5 * static_cast<double>(vmax) - lo;
-    const double sc = span > 0.0 ? static_cast<double>(buckets) / span : 0.0;
-    scale = std::isfinite(sc) ? sc : 0.0;
-  }
-  inline int64_t operator()(F v) const {
-    const double x = (0.5 * static_cast<double>(v) - lo) * scale;
-    const int64_t d = static_cast<int64_t>(x);
-    return d < nb ? d : nb - 1;
-  }
-};
-
-// Class of element i for the ranker: 0 negative, 1 positive, 2 invalid label.
-struct BinaryLabels {
-  const uint8_t* y;
-  inline int cls(int64_t i) const { return y[i] <= 1 ? y[i] : 2; }
-  inline int32_t payload(int64_t) const { return 0; }
-};
-
-// Per-image region labels (0 = normal pixel); the payload is the global region id.
-struct RegionLabels {
-  const int32_t* lab;
-  int64_t hw;
-  const int64_t* base;  // global id of each image's first region
-  inline int cls(int64_t i) const { return lab[i] != 0; }
-  inline int32_t payload(int64_t i) const { return static_cast<int32_t>(base[i / hw] + lab[i] - 1); }
-};
-
-// Exact ranks of the positive scores among the negative ones without sorting the
-// negatives: the (usually few) positives are radix-sorted, a table over a fine
-// linear value grid gives, for any score, the sorted positives of its grid cell,
-// and each negative is counted into the gap between two positives (a search is
-// only needed in the few cells that hold positives). Every tie group of positives
-// then knows how many negatives lie strictly below it and how many tie with it,
-// which is all an ROC, PR or PRO curve needs.
-template <typename F, typename Src, bool kPayload>
-struct BucketRanker {
-  using K = typename KeyOf<F>::type;
-  using V = typename std::conditional<kPayload, int32_t, NoPayload>::type;
-
-  const F* s;
-  Src src;
-  int64_t n;
-  int nthreads;
-  int nc = 1;  // fixed chunks, so that all passes agree on them
-  F vmin = 0, vmax = 0;
-
-  int64_t P = 0, N = 0, nonfinite = 0, bad = 0;
-  std::vector<K> pk;            // positive keys, ascending after sort_positives()
-  std::vector<V> pv;            // their payloads
-  Bucketer<F> fine;             // grid of the lookup table
-  std::vector<uint32_t> table;  // table[c] = first positive in a cell >= c
-  std::vector<int64_t> less;    // per positive group start: negatives strictly below (ranked ones)
-  std::vector<int64_t> tied;    // per positive group start: negatives equal to it
-  int64_t m = 0;                // positives kept (pk holds kProbe padding keys after them)
-  static constexpr int kProbe = 8;
-
-  BucketRanker(const F* scores, Src source, int64_t count, int threads)
-      : s(scores), src(source), n(count), nthreads(std::max(threads, 1)) {
-    nc = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, n / 32768 + 1)));
-  }
-
-  // Pass 1: counts, invalid values, value range, and the positives' keys.
-  // False when the metric cannot be computed.
-  bool scan() {
-    std::vector<std::vector<K>> ck(nc);
-    std::vector<std::vector<V>> cv(nc);
-    std::vector<int64_t> cnf(nc, 0), cbad(nc, 0);
-    std::vector<F> cmin(nc, std::numeric_limits<F>::infinity()), cmax(nc, -std::numeric_limits<F>::infinity());
-    OmpError err;
-#pragma omp parallel for num_threads(std::min(nc, nthreads)) schedule(static, 1)
-    for (int t = 0; t < nc; ++t) {
-      try {
-        int64_t lo, hi;
-        chunk_of(n, nc, t, lo, hi);
-        int64_t nf = 0, bd = 0;
-        F mn = std::numeric_limits<F>::infinity(), mx = -mn;
-        std::vector<K>& keys = ck[t];
-        for (int64_t i = lo; i < hi; ++i) {
-          const F v = s[i];
-          const int c = src.cls(i);
-          if (!is_finite(v)) {
-            ++nf;
-            continue;
-          }
-          mn = v < mn ? v : mn;
-          mx = v > mx ? v : mx;
-          if (c == 1) {
-            keys.push_back(order_key(v));
-            if constexpr (kPayload) cv[t].push_back(src.payload(i));
-          }
-          bd += c == 2;
-        }
-        cnf[t] = nf;
-        cbad[t] = bd;
-        cmin[t] = mn;
-        cmax[t] = mx;
-      } catch (...) {
-        err.capture();
-      }
-    }
-    err.rethrow();
-    vmin = cmin[0];
-    vmax = cmax[0];
-    for (int t = 0; t < nc; ++t) {
-      P += static_cast<int64_t>(ck[t].size());
-      nonfinite += cnf[t];
-      bad += cbad[t];
-      vmin = std::min(vmin, cmin[t]);
-      vmax = std::max(vmax, cmax[t]);
-    }
-    N = n - P - bad;
-    if (nonfinite || bad || P == 0) return false;
-    pk.reserve(P);
-    for (auto& k : ck) pk.insert(pk.end(), k.begin(), k.end());
-    if constexpr (kPayload) {
-      pv.reserve(P);
-      for (auto& v : cv) pv.insert(pv.end(), v.begin(), v.end());
-    }
-    return true;
-  }
-
-  // Keep only the positives whose value passes keep(v).
-  template <typename Keep>
-  void keep_positives(Keep&& keep) {
-    int64_t w = 0;
-    for (int64_t j = 0; j < static_cast<int64_t>(pk.size()); ++j) {
-      if (!keep(key_value<F>(pk[j]))) continue;
-      pk[w] = pk[j];
-      if constexpr (kPayload) pv[w] = pv[j];
-      ++w;
-    }
-    pk.resize(w);
-    if constexpr (kPayload) pv.resize(w);
-  }
-
-  void sort_positives() {
-    m = static_cast<int64_t>(pk.size());
-    std::vector<K> ktmp(m);
-    std::vector<V> vtmp(kPayload ? m : 0);
-    if (radix_sort<K, V>(pk.data(), ktmp.data(), kPayload ? pv.data() : nullptr, kPayload ? vtmp.data() : nullptr, m,
-                         nthreads)) {
-      pk.swap(ktmp);
-      if constexpr (kPayload) pv.swap(vtmp);
-    }
-    // padding above every finite key: rank() reads kProbe keys past any start
-    pk.resize(m + kProbe, std::numeric_limits<K>::max());
-    // about 2 cells per positive (at most 2^21), so that few cells hold many
-    int64_t cells = 1024;
-    while (cells < (int64_t(1) << 21) && cells < 2 * m) cells <<= 1;
-    fine = Bucketer<F>(vmin, vmax, cells);
-    table.assign(cells + 1, static_cast<uint32_t>(m));
-    int64_t c = 0;
-    for (int64_t j = 0; j < m; ++j) {
-      const int64_t cj = fine(key_value<F>(pk[j]));
-      while (c <= cj) table[c++] = static_cast<uint32_t>(j);
-    }
-  }
-
-  // Pass 2: count every negative with keep(v) into the gap (or tie) of the sorted
-  // positives it falls in; `also(v)` sees each of them (for selections).
-  // A score in cell c lies above every positive before table[c] and below every
-  // positive of a later cell, so its rank is table[c] plus the positives of its
-  // own cell below it: a branch-free count over kProbe keys, or a binary search in
-  // the rare cells holding more positives.
-  template <typename Keep, typename Also>
-  void rank(Keep&& keep, Also&& also_per_chunk) {
-    // lt[j]: negatives in (pk[j-1], pk[j]); lt[m]: above every positive; eq[j]: == pk[j]
-    const bool shared = nc > 1 && (m + 1) * nc > (int64_t(1) << 23);
-    const int ncount = shared ? 1 : nc;
-    std::vector<uint32_t> lts(static_cast<size_t>(ncount) * (m + 1), 0), eqs(static_cast<size_t>(ncount) * (m + 1), 0);
-    const uint32_t* tb = table.data();
-    const K* keys = pk.data();
-    OmpError err;
-#pragma omp parallel for num_threads(std::min(nc, nthreads)) schedule(static, 1)
-    for (int t = 0; t < nc; ++t) {
-      try {
-        int64_t lo, hi;
-        chunk_of(n, nc, t, lo, hi);
-        uint32_t* lt_t = lts.data() + (shared ? 0 : static_cast<size_t>(t) * (m + 1));
-        uint32_t* eq_t = eqs.data() + (shared ? 0 : static_cast<size_t>(t) * (m + 1));
-        auto& also = also_per_chunk[t];
-        for (int64_t i = lo; i < hi; ++i) {
-          if (src.cls(i)) continue;
-          const F v = s[i];
-          if (!keep(v)) continue;
-          also(v);
-          const int64_t c = fine(v);
-          const int64_t a = tb[c];
-          const K k = order_key(v);
-          int64_t j;
-          if (tb[c + 1] - a <= kProbe) {
-            const K* p = keys + a;
-            int64_t below = 0;
-            for (int q = 0; q < kProbe; ++q) below += p[q] < k;
-            j = a + below;
-          } else {
-            j = std::lower_bound(keys + a, keys + tb[c + 1], k) - keys;
-          }
-          uint32_t* slot = (keys[j] == k ? eq_t : lt_t) + j;
-          if (shared) __atomic_fetch_add(slot, 1u, __ATOMIC_RELAXED);
-          else ++*slot;
-        }
-      } catch (...) {
-        err.capture();
-      }
-    }
-    err.rethrow();
-    if (!shared) {
-      for (int t = 1; t < nc; ++t)
-        for (int64_t j = 0; j <= m; ++j) {
-          lts[j] += lts[static_cast<size_t>(t) * (m + 1) + j];
-          eqs[j] += eqs[static_cast<size_t>(t) * (m + 1) + j];
-        }
-    }
-    // prefix sums: negatives below each positive (a count always lands on a
-    // group's first positive, so the counts of later group members are zero)
-    less.resize(m);
-    tied.resize(m);
-    int64_t run = 0;
-    for (int64_t j = 0; j < m; ++j) {
-      run += lts[j];
-      less[j] = run;
-      tied[j] = eqs[j];
-      run += eqs[j];
-    }
-  }
-
-  // Visit every tie group of positives (ascending) in parallel slices:
-  //   visit(t, j0, j1, less, tied): pk[j0, j1) share one key.
-  template <typename Visit>
-  void walk(Visit&& visit) {
-    const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, m / 4096)));
-    std::vector<int64_t> cut(nt + 1, m);
-    for (int t = 0; t < nt; ++t) {
-      int64_t j = m / nt * t;
-      while (j > 0 && j < m && pk[j] == pk[j - 1]) ++j;
-      cut[t] = j;
-    }
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-    for (int t = 0; t < nt; ++t) {
-      int64_t j = cut[t];
-      const int64_t end = std::max(j, cut[t + 1]);
-      while (j < end) {
-        const int64_t j0 = j;
-        const K k = pk[j0];
-        while (++j < end && pk[j] == k) {
-        }
-        visit(t, j0, j, less[j0], tied[j0]);
-      }
-    }
-  }
-};
-
-struct NoOp {
-  template <typename T>
-  void operator()(T) const {}
-};
-
-template <typename F>
 void curve_stats_impl(const F* s, const uint8_t* y, int64_t n, int nthreads, double* out, int64_t* info) {
-  BucketRanker<F, BinaryLabels, false> r(s, BinaryLabels{y}, n, nthreads);
-  const bool ok = r.scan();
-  info[0] = r.P;
-  info[1] = r.N;
-  info[2] = r.nonfinite;
-  info[3] = r.bad;
+  using K = typename KeyOf<F>::type;
+  // fixed chunks (not per OpenMP thread) so that both passes agree on them
+  const int nc = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, n / 65536 + 1)));
+  std::vector<int64_t> cpos(nc, 0), cbad(nc, 0), cnonfin(nc, 0);
+#pragma omp parallel for num_threads(nc) schedule(static, 1)
+  for (int t = 0; t < nc; ++t) {
+    int64_t lo, hi;
+    chunk_of(n, nc, t, lo, hi);
+    int64_t p = 0, bad = 0, nf = 0;
+    for (int64_t i = lo; i < hi; ++i) {
+      p += y[i] == 1;
+      bad += y[i] > 1;
+      nf += !is_finite(s[i]);
+    }
+    cpos[t] = p;
+    cbad[t] = bad;
+    cnonfin[t] = nf;
+  }
+  int64_t P = 0, bad = 0, nonfin = 0;
+  for (int t = 0; t < nc; ++t) {
+    P += cpos[t];
+    bad += cbad[t];
+    nonfin += cnonfin[t];
+  }
+  const int64_t N = n - P;
+  info[0] = P;
+  info[1] = N;
+  info[2] = nonfin;
+  info[3] = bad;
   out[0] = out[1] = out[2] = std::numeric_limits<double>::quiet_NaN();
-  if (!ok) return;
-  r.sort_positives();
-  std::vector<NoOp> none(r.nc);
-  r.rank([](F) { return true; }, none);
-  const int64_t P = r.P, N = r.N;
-  std::vector<CurveAcc> acc(std::max(nthreads, 1));
-  r.walk([&](int t, int64_t j0, int64_t j1, int64_t less, int64_t tied) {
-    CurveAcc& a = acc[t];
-    const int64_t tpg = j1 - j0;
-    a.u += static_cast<unsigned __int128>(tpg) * static_cast<unsigned __int128>(2 * less + tied);
-    const double tp = static_cast<double>(P - j0), fp = static_cast<double>(N - less);
-    a.ap += static_cast<double>(tpg) * (tp / (tp + fp));
-    a.f1 = std::max(a.f1, 2.0 * tp / (tp + fp + static_cast<double>(P)));
-  });
-  finish_curve(acc, P, N, out);
+  if (bad || nonfin || P == 0) return;
+
+  std::unique_ptr<K[]> keys(new K[n]);
+  std::unique_ptr<K[]> tmp(new K[n]);
+#pragma omp parallel for num_threads(nc) schedule(static, 1)
+  for (int t = 0; t < nc; ++t) {
+    int64_t lo, hi;
+    chunk_of(n, nc, t, lo, hi);
+    int64_t ip = N, in = 0;
+    for (int u = 0; u < t; ++u) {
+      int64_t l2, h2;
+      chunk_of(n, nc, u, l2, h2);
+      ip += cpos[u];
+      in += (h2 - l2) - cpos[u];
+    }
+    K* kk = keys.get();
+    for (int64_t i = lo; i < hi; ++i) {
+      const K k = order_key(s[i]);
+      if (y[i]) kk[ip++] = k;
+      else kk[in++] = k;
+    }
+  }
+  const K* negk = keys.get();
+  const K* posk = keys.get() + N;
+  if (radix_sort<K, NoPayload>(keys.get(), tmp.get(), nullptr, nullptr, N, nthreads)) negk = tmp.get();
+  if (radix_sort<K, NoPayload>(keys.get() + N, tmp.get() + N, nullptr, nullptr, P, nthreads)) posk = tmp.get() + N;
+  CurveVisitor v{P, {}};
+  walk_groups(negk, N, posk, P, nthreads, v);
+  finish_curve(v.acc, P, N, out);
 }
 
 // Number of thresholds in ascending th[0, T) that are below (strict) or at most
@@ -653,125 +498,185 @@ int64_t label_image(const uint8_t* m, int64_t H, int64_t W, int32_t* out, std::v
 // Exact AUPRO (MVTec AD evaluation code): PRO curve over every distinct score,
 // trapezoid up to fpr_limit with linear interpolation at the limit, / fpr_limit.
 
-// The trapezoid area of the curve over the normal pixels with score s > v* (the
-// cut where the FPR passes the limit) is, per normal pixel, (W(> s) + W(= s) / 2)
-// / (R * Nn), W being the summed weight 1 / area of the anomalous pixels. Summed
-// per anomalous tie group of key k > v* instead: w_k * (#normal in (v*, k) +
-// #normal == k / 2), which is what the ranker provides.
+// Accumulates, for the normal pixels above the FPR cut, sum over normal pixels of
+// (W(> s) + W(= s) / 2) where W is the summed region weight of the anomalous
+// pixels: the trapezoid area times (regions * normal pixels). Thread-local sums
+// are relative to the thread's own start and are combined in order.
+struct ProVisitor {
+  const int32_t* rid;
+  const double* weight;  // 1 / area per region
+  struct Acc {
+    double area = 0.0, w = 0.0;  // area relative to w_start = 0, local weight sum
+    int64_t count = 0;           // normal pixels visited
+  };
+  std::vector<Acc> acc;
+  void resize(int nt) { acc.assign(nt, Acc{}); }
+  void begin(int, int64_t, int64_t) {}
+  void group(int t, int64_t first, int64_t last, int64_t between, int64_t tied) {
+    Acc& a = acc[t];
+    double wg = 0.0;
+    for (int64_t j = first; j <= last; ++j) wg += weight[rid[j]];
+    a.area += static_cast<double>(between) * a.w + static_cast<double>(tied) * (a.w + 0.5 * wg);
+    a.count += between + tied;
+    a.w += wg;
+  }
+  void tail(int t, int64_t count) {
+    acc[t].area += static_cast<double>(count) * acc[t].w;
+    acc[t].count += count;
+  }
+  // walk_groups runs threads over descending key ranges: thread 0 holds the
+  // lowest keys, so the cumulative weight flows from the last thread down.
+  void combine(double& area, double& w) const {
+    area = 0.0;
+    w = 0.0;
+    for (int t = static_cast<int>(acc.size()) - 1; t >= 0; --t) {
+      area += acc[t].area + w * static_cast<double>(acc[t].count);
+      w += acc[t].w;
+    }
+  }
+};
+
+constexpr int kSelectBits = 14;
+
 template <typename F>
 void aupro_exact_impl(const F* s, const int32_t* lab, int64_t nimg, int64_t hw, const int64_t* rcount,
                       const int64_t* areas, int64_t R, double limit, int nthreads, double* out, int64_t* info) {
   using K = typename KeyOf<F>::type;
+  constexpr int kShift = static_cast<int>(sizeof(K) * 8) - kSelectBits;
+  constexpr int64_t kB = int64_t(1) << kSelectBits;
   const int64_t n = nimg * hw;
   out[0] = std::numeric_limits<double>::quiet_NaN();
-  std::vector<int64_t> base(static_cast<size_t>(nimg) + 1, 0);
-  for (int64_t i = 0; i < nimg; ++i) base[i + 1] = base[i] + rcount[i];
+  std::vector<int64_t> roff(static_cast<size_t>(nimg) + 1, 0);
+  for (int64_t i = 0; i < nimg; ++i) roff[i + 1] = roff[i] + rcount[i];
   std::vector<double> weight(static_cast<size_t>(R));
   for (int64_t r = 0; r < R; ++r) weight[r] = 1.0 / static_cast<double>(areas[r]);
 
-  BucketRanker<F, RegionLabels, true> r(s, RegionLabels{lab, hw, base.data()}, n, nthreads);
-  const bool ok = r.scan();
-  info[0] = r.nonfinite;
-  if (!ok || r.N == 0 || R == 0) return;
-  const int64_t Nn = r.N;
+  const int nta = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, n / 65536 + 1)));
+  // pass 1: histograms of the top key bits of normal and anomalous pixels, per chunk
+  std::vector<uint32_t> hn(static_cast<size_t>(nta * kB), 0), ha(static_cast<size_t>(nta * kB), 0);
+  std::vector<int64_t> cnonfin(nta, 0);
+#pragma omp parallel for num_threads(nta) schedule(static, 1)
+  for (int t = 0; t < nta; ++t) {
+    int64_t lo, hi;
+    chunk_of(n, nta, t, lo, hi);
+    uint32_t* hnt = hn.data() + t * kB;
+    uint32_t* hat = ha.data() + t * kB;
+    int64_t nf = 0;
+    for (int64_t i = lo; i < hi; ++i) {
+      const F v = s[i];
+      if (!is_finite(v)) {
+        ++nf;
+        continue;
+      }
+      const uint32_t d = static_cast<uint32_t>(order_key(v) >> kShift);
+      if (lab[i]) ++hat[d];
+      else ++hnt[d];
+    }
+    cnonfin[t] = nf;
+  }
+  int64_t nonfin = 0;
+  for (int t = 0; t < nta; ++t) nonfin += cnonfin[t];
+  info[0] = nonfin;
+  if (nonfin) return;
+  std::vector<int64_t> totn(kB, 0);
+  int64_t Nn = 0;
+  for (int t = 0; t < nta; ++t)
+    for (int64_t d = 0; d < kB; ++d) totn[d] += hn[t * kB + d];
+  for (int64_t d = 0; d < kB; ++d) Nn += totn[d];
+  if (Nn == 0 || R == 0) return;
+
   // kcut: the most normal pixels whose FPR kcut / Nn is still <= limit (as numpy computes it)
   int64_t kcut = static_cast<int64_t>(std::floor(limit * static_cast<double>(Nn)));
   kcut = std::min(std::max<int64_t>(kcut, 0), Nn);
   while (kcut < Nn && static_cast<double>(kcut + 1) / static_cast<double>(Nn) <= limit) ++kcut;
   while (kcut > 0 && static_cast<double>(kcut) / static_cast<double>(Nn) > limit) --kcut;
   const bool cut = kcut < Nn;
-
-  // coarse histogram of the normal scores: bucket b holds v*, the (kcut + 1)-th
-  // largest normal score, and `above` normal scores lie in higher buckets
-  const int64_t nb = 65536;
-  const Bucketer<F> coarse(r.vmin, r.vmax, nb);
-  int64_t b = 0, above = 0;
+  // b: the top-bits bucket holding the (kcut+1)-th largest normal score
+  int64_t b = 0;
   if (cut) {
-    const int nc = r.nc;
-    std::vector<uint32_t> hist(static_cast<size_t>(nc) * nb, 0);
-#pragma omp parallel for num_threads(std::min(nc, r.nthreads)) schedule(static, 1)
-    for (int t = 0; t < nc; ++t) {
-      int64_t lo, hi;
-      chunk_of(n, nc, t, lo, hi);
-      uint32_t* h = hist.data() + static_cast<size_t>(t) * nb;
-      for (int64_t i = lo; i < hi; ++i)
-        if (!lab[i]) ++h[coarse(s[i])];
-    }
-    std::vector<int64_t> tot(nb, 0);
-    for (int t = 0; t < nc; ++t)
-      for (int64_t d = 0; d < nb; ++d) tot[d] += hist[static_cast<size_t>(t) * nb + d];
-    for (b = nb - 1; b > 0; --b) {
-      if (above + tot[b] > kcut) break;
-      above += tot[b];
+    int64_t above = 0;
+    for (b = kB - 1; b > 0; --b) {
+      if (above + totn[b] > kcut) break;
+      above += totn[b];
     }
   }
-  auto keep = [&](F v) { return coarse(v) >= b; };
-  r.keep_positives(keep);
-  r.sort_positives();
-  struct Gather {
-    const Bucketer<F>* coarse;
-    int64_t b;
-    std::vector<K> keys;
-    void operator()(F v) {
-      if ((*coarse)(v) == b) keys.push_back(order_key(v));
+  // pass 2: keys of the normal pixels in buckets >= b, (key, region) of anomalous ones
+  std::vector<int64_t> offn(static_cast<size_t>(nta) + 1, 0), offa(static_cast<size_t>(nta) + 1, 0);
+  for (int t = 0; t < nta; ++t) {
+    int64_t cn = 0, ca = 0;
+    for (int64_t d = b; d < kB; ++d) {
+      cn += hn[t * kB + d];
+      ca += ha[t * kB + d];
     }
-  };
-  std::vector<Gather> gather(r.nc, Gather{&coarse, cut ? b : -1, {}});
-  r.rank(keep, gather);
-
-  int64_t n_gt = 0, n_ge = 0;  // normal pixels > v*, >= v*
-  int64_t ranked_le = 0;        // ranked normal pixels <= v*
-  bool have_v = false;
-  K vstar = 0;
-  if (cut) {
-    std::vector<K> inb;
-    for (auto& g : gather) inb.insert(inb.end(), g.keys.begin(), g.keys.end());
-    const int64_t idx = static_cast<int64_t>(inb.size()) - 1 - (kcut - above);
-    std::nth_element(inb.begin(), inb.begin() + idx, inb.end());
-    vstar = inb[idx];
-    have_v = true;
-    for (K k : inb) {
-      n_gt += k > vstar;
-      n_ge += k >= vstar;
-    }
-    ranked_le = static_cast<int64_t>(inb.size()) - n_gt;
-    n_gt += above;
-    n_ge += above;
+    offn[t + 1] = offn[t] + cn;
+    offa[t + 1] = offa[t] + ca;
   }
-  const double* w = weight.data();
-  struct Acc {
-    double area = 0.0, w_above = 0.0, w_eq = 0.0;
-  };
-  std::vector<Acc> acc(std::max(nthreads, 1));
-  r.walk([&](int t, int64_t j0, int64_t j1, int64_t less, int64_t tied) {
-    const K k = r.pk[j0];
-    if (have_v && k < vstar) return;
-    double wg = 0.0;
-    for (int64_t j = j0; j < j1; ++j) wg += w[r.pv[j]];
-    if (have_v && k == vstar) {
-      acc[t].w_eq += wg;
-      return;
+  hn = std::vector<uint32_t>();
+  ha = std::vector<uint32_t>();
+  const int64_t nA = offn[nta], nP = offa[nta];
+  std::unique_ptr<K[]> ak(new K[std::max<int64_t>(nA, 1)]), atmp(new K[std::max<int64_t>(nA, 1)]);
+  std::unique_ptr<K[]> pk(new K[std::max<int64_t>(nP, 1)]), ptmp(new K[std::max<int64_t>(nP, 1)]);
+  std::unique_ptr<int32_t[]> pr(new int32_t[std::max<int64_t>(nP, 1)]), prtmp(new int32_t[std::max<int64_t>(nP, 1)]);
+#pragma omp parallel for num_threads(nta) schedule(static, 1)
+  for (int t = 0; t < nta; ++t) {
+    int64_t lo, hi;
+    chunk_of(n, nta, t, lo, hi);
+    int64_t in = offn[t], ia = offa[t];
+    const K kmin = static_cast<K>(static_cast<K>(b) << kShift);
+    int64_t i = lo;
+    while (i < hi) {
+      const int64_t img = i / hw;
+      const int64_t end = std::min(hi, (img + 1) * hw);
+      const int64_t base = roff[img] - 1;
+      for (; i < end; ++i) {
+        const K k = order_key(s[i]);
+        if (k < kmin) continue;
+        const int32_t l = lab[i];
+        if (l) {
+          pk[ia] = k;
+          pr[ia++] = static_cast<int32_t>(base + l);
+        } else {
+          ak[in++] = k;
+        }
+      }
     }
-    acc[t].area += wg * (static_cast<double>(less - ranked_le) + 0.5 * static_cast<double>(tied));
-    acc[t].w_above += wg;
-  });
-  double area = 0.0, w_above = 0.0, w_eq = 0.0;
-  for (const Acc& a : acc) {
-    area += a.area;
-    w_above += a.w_above;
-    w_eq += a.w_eq;
+  }
+  K* A = ak.get();
+  if (radix_sort<K, NoPayload>(A, atmp.get(), nullptr, nullptr, nA, nthreads)) A = atmp.get();
+  K* pkeys = pk.get();
+  int32_t* prid = pr.get();
+  if (radix_sort<K, int32_t>(pkeys, ptmp.get(), prid, prtmp.get(), nP, nthreads)) {
+    pkeys = ptmp.get();
+    prid = prtmp.get();
   }
   const double dNn = static_cast<double>(Nn), dR = static_cast<double>(R);
+  if (!cut) {
+    ProVisitor v{prid, weight.data(), {}};
+    walk_groups(A, nA, pkeys, nP, nthreads, v);
+    double area, w;
+    v.combine(area, w);
+    out[0] = area / (dR * dNn) / limit;
+    return;
+  }
+  const K vstar = A[nA - 1 - kcut];
+  const int64_t a_gt = std::upper_bound(A, A + nA, vstar) - A;    // normal > v* : A[a_gt, nA)
+  const int64_t a_ge = std::lower_bound(A, A + nA, vstar) - A;    // normal >= v*: A[a_ge, nA)
+  const int64_t p_gt = std::upper_bound(pkeys, pkeys + nP, vstar) - pkeys;
+  const int64_t p_ge = std::lower_bound(pkeys, pkeys + nP, vstar) - pkeys;
+  ProVisitor v{prid + p_gt, weight.data(), {}};
+  walk_groups(A + a_gt, nA - a_gt, pkeys + p_gt, nP - p_gt, nthreads, v);
+  double area, w_above;
+  v.combine(area, w_above);
+  double w_eq = 0.0;
+  for (int64_t j = p_ge; j < p_gt; ++j) w_eq += weight[prid[j]];
   area /= dR * dNn;
-  if (cut) {
-    const double f_i = static_cast<double>(n_gt) / dNn;
-    const double f_next = static_cast<double>(n_ge) / dNn;
-    const double p_i = w_above / dR;
-    const double p_next = (w_above + w_eq) / dR;
-    if (f_i < limit) {
-      const double p_lim = p_i + (p_next - p_i) * (limit - f_i) / (f_next - f_i);
-      area += 0.5 * (p_i + p_lim) * (limit - f_i);
-    }
+  const double f_i = static_cast<double>(nA - a_gt) / dNn;
+  const double f_next = static_cast<double>(nA - a_ge) / dNn;
+  const double p_i = w_above / dR;
+  const double p_next = (w_above + w_eq) / dR;
+  if (f_i < limit) {
+    const double p_lim = p_i + (p_next - p_i) * (limit - f_i) / (f_next - f_i);
+    area += 0.5 * (p_i + p_lim) * (limit - f_i);
   }
   out[0] = area / limit;
 }
