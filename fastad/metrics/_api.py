@@ -84,12 +84,12 @@ _CURVE_DOC = """
     UndefinedMetricError (a ValueError) when {undefined}.
     Constant scores are one threshold step: {constant}.
 
-    Backends: C++ for CPU inputs: the positives are radix-sorted and every negative is
-    counted into the gap between two positives through a lookup table, so the
-    negatives are never copied or sorted. Peak memory about 40 bytes per positive
-    plus a table of at most 8 MiB (binned mode: O(num_thresholds)). The PyTorch
-    reference (torch.sort, ~30 bytes per score) runs CUDA inputs and builds without
-    fastad._C.
+    Backends: C++ for CPU inputs: negatives and positives become order-preserving
+    integer keys, radix-sorted apart by parallel streaming passes, and the curve is
+    walked over the distinct positive scores (a galloping search counts the negatives
+    between them). Peak memory about 8 bytes per score for float32 scores (16 for
+    float64); binned mode: O(num_thresholds). The PyTorch reference (torch.sort,
+    ~30 bytes per score) runs CUDA inputs and builds without fastad._C.
 """
 
 
@@ -268,10 +268,10 @@ def aupro(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3, num_thresho
     below the limit, e.g. constant maps). Exact AUPRO of constant maps is defined:
     one step from (0, 0) to (1, 1), 0.15 at fpr_limit 0.3.
 
-    Peak memory (C++): 4 bytes per pixel (region labels) plus about 40 bytes per
-    anomalous pixel and 512 KiB of histograms (exact), or O(num_thresholds) (threshold
-    variant). The exact variant ranks the anomalous pixels among the normal ones
-    above the FPR limit as the curve metrics do; no pixel array is sorted.
+    Peak memory (C++): 4 bytes per pixel (region labels) plus, for the exact variant,
+    8 bytes per normal pixel and 16 per anomalous pixel scoring near or above the FPR
+    limit (only those are radix-sorted: a histogram of the top key bits finds the
+    cut first), or O(num_thresholds) for the threshold variant.
     """
     op = "aupro"
     _check_limit(op, fpr_limit)
