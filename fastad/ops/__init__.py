@@ -2,4 +2,6 @@
 definition), the dispatch to the C++ / Triton backends, and its autograd."""
 from __future__ import annotations
 
-__all__: list[str] = []
+from fastad.ops.kcenter import KCenterResult, kcenter_greedy, kcenter_greedy_reference
+
+__all__: list[str] = ["KCenterResult", "kcenter_greedy", "kcenter_greedy_reference"]
