@@ -1,6 +1,7 @@
 // Bindings of the k-center greedy kernel: a stateful selection object, so that
 // Python can advance it in chunks of steps (progress bar) without per-step Python.
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -9,7 +10,8 @@
 #include "registry.h"
 
 FASTAD_DECLARE_KERNEL(void* kcenter_create(const void* x, int dtype, int64_t B, int64_t N, int64_t C,
-                                           const int64_t* forced, int64_t M, int64_t picks, int storage));
+                                           const int64_t* forced, int64_t M, int64_t picks, int storage,
+                                           const float* mu, const double* U, int64_t m, const float* sig));
 FASTAD_DECLARE_KERNEL(std::string kcenter_advance(void* state, int64_t nsteps, int nthreads, int64_t* done));
 FASTAD_DECLARE_KERNEL(void kcenter_result(void* state, int64_t* indices, float* radius));
 FASTAD_DECLARE_KERNEL(void kcenter_destroy(void* state));
@@ -31,8 +33,9 @@ constexpr const char* kFn = "KCenter";
 
 class KCenter {
  public:
-  KCenter(const py::array& x, int dtype, const py::array& forced, int64_t picks, int storage)
-      : x_(x), isa_(cpu_isa()) {
+  KCenter(const py::array& x, int dtype, const py::array& forced, int64_t picks, int storage, const py::array& mu,
+          const py::array& basis, const py::array& sig)
+      : x_(x), mu_(mu), basis_(basis), sig_(sig), isa_(cpu_isa()) {
     FloatArg xa = float_arg(kFn, "x", x, dtype, 3, 3);
     B_ = xa.dim(0);
     N_ = xa.dim(1);
@@ -57,7 +60,27 @@ class KCenter {
                       " with " + std::to_string(distinct) + " already selected (problem " + std::to_string(b) + ")");
     }
     picks_ = picks;
-    state_ = KCENTER_CALL(isa_, kcenter_create, xa.data, dtype, B_, N_, C_, f, M_, picks, storage);
+    FloatArg ma = float_arg(kFn, "mu", mu, kFloat32, 2, 2);
+    if (ma.dim(0) != B_ || ma.dim(1) != C_)
+      fail(kFn, "mu must have shape (" + std::to_string(B_) + ", " + std::to_string(C_) + "), got " + shape_str(mu));
+    const double* U = nullptr;
+    const float* sg = nullptr;
+    int64_t m = 0;
+    if (basis.ndim() != 3 || basis.shape(0) != B_ || basis.shape(1) != C_ || basis.shape(2) > C_ ||
+        !basis.dtype().is(py::dtype::of<double>()) || !(basis.flags() & py::array::c_style))
+      fail(kFn, "basis must be a C-contiguous float64 array of shape (" + std::to_string(B_) + ", " +
+                    std::to_string(C_) + ", m <= C), got " + shape_str(basis));
+    m = basis.shape(2);
+    if (m > 0) {
+      FloatArg sa = float_arg(kFn, "sig", sig, kFloat32, 1, 1);
+      if (sa.dim(0) != B_) fail(kFn, "sig must have shape (" + std::to_string(B_) + ",), got " + shape_str(sig));
+      sg = static_cast<const float*>(sa.data);
+      for (int64_t b = 0; b < B_; ++b)
+        if (!(sg[b] >= 1.f) || !std::isfinite(sg[b])) fail(kFn, "sig must be finite and >= 1");
+      U = static_cast<const double*>(basis.data());
+    }
+    state_ = KCENTER_CALL(isa_, kcenter_create, xa.data, dtype, B_, N_, C_, f, M_, picks, storage,
+                          static_cast<const float*>(ma.data), U, m, sg);
   }
 
   KCenter(const KCenter&) = delete;
@@ -86,7 +109,7 @@ class KCenter {
   }
 
  private:
-  py::array x_;  // keeps the rows alive while the selection runs
+  py::array x_, mu_, basis_, sig_;  // keep the inputs alive while the selection runs
   Isa isa_;
   void* state_ = nullptr;
   int64_t B_ = 0, N_ = 0, C_ = 0, M_ = 0, picks_ = 0;
@@ -101,8 +124,12 @@ FASTAD_REGISTER(kcenter) {
   py::class_<KCenter>(m, "KCenter",
                       "k-center greedy selection over B problems x [B, N, C]: adds the forced centers "
                       "[B, M], then `picks` farthest points per problem (ties to the lowest index).")
-      .def(py::init<const py::array&, int, const py::array&, int64_t, int>(), py::arg("x"), py::arg("dtype"),
-           py::arg("forced"), py::arg("picks"), py::arg("storage") = 0)
+      .def(py::init<const py::array&, int, const py::array&, int64_t, int, const py::array&, const py::array&,
+                    const py::array&>(),
+           py::arg("x"), py::arg("dtype"), py::arg("forced"), py::arg("picks"), py::arg("storage"), py::arg("mu"),
+           py::arg("basis"), py::arg("sig"),
+           "mu [B, C] float32 centres the approximate copy; basis [B, C, m] float64 with orthonormal columns "
+           "rotates its first m coordinates (m = 0: none); sig [B] >= 1 bounds the distortion of that map.")
       .def("advance", &KCenter::advance, py::arg("nsteps"), py::arg("nthreads"))
       .def("result", &KCenter::result, py::arg("indices"), py::arg("radius"));
 }

@@ -11,15 +11,19 @@
 // The selection keeps, per point, mind(x) = min over centers of D(x, c) and, per
 // center, the list of points whose nearest center it is (its cluster) with the
 // cluster's largest mind (r). Adding a center s reads as few rows as it can:
-//  * a whole cluster c is skipped when d(c, s) >= 2 r(c), and a point x of a scanned
-//    cluster when d(c, s) >= 2 mind(x) (triangle inequality: d(x, s) >= d(x, c));
-//    for an argmax pick, d(c, s) >= mind(s) = R for every center, so clusters with
-//    r(c) <= R / 2 are skipped without reading anything;
-//  * distances to s are first computed in float32 from a low-precision copy
-//    (fp16, or bf16 in the generic build) of the centred, power-of-two-scaled rows,
-//    with per-row quantisation errors e(x) = ||copy(x) - x|| and a rounding bound,
-//    and the scan of a row stops as soon as its partial sum proves d(x, s) >= mind(x);
-//  * only rows that may get closer to s are recomputed canonically (exact value).
+//  * triangle inequality: a whole cluster c is skipped when d(c, s) >= 2 r(c), a
+//    point x of a scanned cluster when d(c, s) >= 2 mind(x); for an argmax pick
+//    d(c, s) >= mind(s) = R for every center, so clusters with r(c) <= R / 2 are
+//    skipped without reading anything;
+//  * the remaining points are tested on an approximate copy of the rows (fp16, or
+//    bf16 in the generic build), read in memory order, in float32, with a proved
+//    error bound; the scan of a row stops as soon as its partial sum proves
+//    d(x, s) >= mind(x). The copy stores y(x) = [U^T v ; v - U U^T v], v = x - mu,
+//    for U the top principal directions of the data (orthonormal columns; none for
+//    data without dominant directions): ||y(x) - y(s)|| = ||x - s|| (Pythagoras), and
+//    the first coordinates carry most of each distance, so most rows are settled
+//    after their first 64 bytes;
+//  * only points that may get closer to s are recomputed canonically (exact value).
 // Every skip is proved with margins far above the float32 rounding of D, so mind,
 // the clusters' maxima, and hence every argmax (ties to the lowest index) equal
 // those of the plain loop that evaluates D for every point and center.
@@ -169,63 +173,84 @@ float canonical_dist(const void* xrow, const float* c, int64_t C, int64_t P, dou
 }
 
 // ------------------------------------------------------ approximate distance
-// float32 sum of (q_j - s_j)^2 (q: storage row, s: float row in the same units).
-// Returns as soon as a partial sum reaches `stop` (checked every 64 elements),
-// otherwise the full sum. Partial sums of squares only grow, so a returned value
-// >= stop proves the full sum is >= stop up to the rounding bound.
+// init + float32 sum of (q_j - s_j)^2 over W elements (q: a copy row, s: a float
+// row in the same units). Returns as soon as a partial sum reaches `stop` (checked
+// after every 32 elements), otherwise the full sum. Partial sums of squares only
+// grow, so a returned value >= stop proves the full sum >= stop up to the rounding
+// bound.
 template <int S>
-float approx_sq(const void* q, const float* s, int64_t C, float stop) {
+float approx_sq(const void* q, const float* s, int64_t W, float init, float stop) {
   int64_t j = 0;
-  float total = 0.f;
+  float total = init;
 #if defined(__AVX2__)
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  for (; j + 64 <= C; j += 64) {
-    for (int64_t u = j; u < j + 64; u += 32) {
-      const __m256 d0 = _mm256_sub_ps(load8<S>(q, u), _mm256_loadu_ps(s + u));
-      const __m256 d1 = _mm256_sub_ps(load8<S>(q, u + 8), _mm256_loadu_ps(s + u + 8));
-      const __m256 d2 = _mm256_sub_ps(load8<S>(q, u + 16), _mm256_loadu_ps(s + u + 16));
-      const __m256 d3 = _mm256_sub_ps(load8<S>(q, u + 24), _mm256_loadu_ps(s + u + 24));
-      a0 = _mm256_fmadd_ps(d0, d0, a0);
-      a1 = _mm256_fmadd_ps(d1, d1, a1);
-      a2 = _mm256_fmadd_ps(d2, d2, a2);
-      a3 = _mm256_fmadd_ps(d3, d3, a3);
-    }
-    if (j + 64 < C) {
-      const float part = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; j + 32 <= W; j += 32) {
+    const __m256 d0 = _mm256_sub_ps(load8<S>(q, j), _mm256_loadu_ps(s + j));
+    const __m256 d1 = _mm256_sub_ps(load8<S>(q, j + 8), _mm256_loadu_ps(s + j + 8));
+    const __m256 d2 = _mm256_sub_ps(load8<S>(q, j + 16), _mm256_loadu_ps(s + j + 16));
+    const __m256 d3 = _mm256_sub_ps(load8<S>(q, j + 24), _mm256_loadu_ps(s + j + 24));
+    a0 = _mm256_fmadd_ps(d0, d0, a0);
+    a1 = _mm256_fmadd_ps(d1, d1, a1);
+    a2 = _mm256_fmadd_ps(d2, d2, a2);
+    a3 = _mm256_fmadd_ps(d3, d3, a3);
+    if (j + 32 < W) {
+      const float part = init + hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
       if (part >= stop) return part;
     }
   }
-  for (; j + 8 <= C; j += 8) {
+  for (; j + 8 <= W; j += 8) {
     const __m256 d0 = _mm256_sub_ps(load8<S>(q, j), _mm256_loadu_ps(s + j));
     a0 = _mm256_fmadd_ps(d0, d0, a0);
   }
-  total = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  total += hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #else
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (; j + 64 <= C; j += 64) {
-    for (int64_t u = j; u < j + 64; u += 8)
+  for (; j + 32 <= W; j += 32) {
+    for (int64_t u = j; u < j + 32; u += 8)
       for (int l = 0; l < 8; ++l) {
         const float d = load_elem<S>(q, u + l) - s[u + l];
         acc[l] += d * d;
       }
-    if (j + 64 < C) {
-      float part = 0.f;
+    if (j + 32 < W) {
+      float part = init;
       for (int l = 0; l < 8; ++l) part += acc[l];
       if (part >= stop) return part;
     }
   }
   for (int l = 0; l < 8; ++l) total += acc[l];
 #endif
-  for (; j < C; ++j) {
+  for (; j < W; ++j) {
     const float d = load_elem<S>(q, j) - s[j];
     total += d * d;
   }
   return total;
 }
 
-// A buffer on transparent huge pages where the OS offers them: the rows of the
-// copy are read in cluster order, i.e. scattered, and 4 KiB pages would cost a
-// TLB miss per row.
+constexpr int kPW = 32;  // width of the rotated prefix kept inline in the member lists
+
+// Sum of squares of the kPW prefix differences.
+template <int S>
+inline float prefix_sq(const uint16_t* p, const float* s) {
+#if defined(__AVX2__)
+  const __m256 d0 = _mm256_sub_ps(load8<S>(p, 0), _mm256_loadu_ps(s));
+  const __m256 d1 = _mm256_sub_ps(load8<S>(p, 8), _mm256_loadu_ps(s + 8));
+  const __m256 d2 = _mm256_sub_ps(load8<S>(p, 16), _mm256_loadu_ps(s + 16));
+  const __m256 d3 = _mm256_sub_ps(load8<S>(p, 24), _mm256_loadu_ps(s + 24));
+  const __m256 a = _mm256_fmadd_ps(d1, d1, _mm256_mul_ps(d0, d0));
+  const __m256 b = _mm256_fmadd_ps(d3, d3, _mm256_mul_ps(d2, d2));
+  return hsum8(_mm256_add_ps(a, b));
+#else
+  float acc = 0.f;
+  for (int k = 0; k < kPW; ++k) {
+    const float d = load_elem<S>(p, k) - s[k];
+    acc += d * d;
+  }
+  return acc;
+#endif
+}
+
+// A buffer on transparent huge pages where the OS offers them: the copy's rows are
+// read with gaps, and 4 KiB pages would cost a TLB miss for many of them.
 class HugeBuffer {
  public:
   HugeBuffer() = default;
@@ -253,24 +278,32 @@ class HugeBuffer {
 
 inline void prefetch_row(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  const int64_t n = std::min<int64_t>(bytes, 256);
+  const int64_t n = std::min<int64_t>(bytes, 128);
   for (int64_t o = 0; o < n; o += 64) __builtin_prefetch(c + o);
 }
 
 // ------------------------------------------------------------------ problem
-// A point of a cluster, with the values the skip tests need inline so that
-// scanning a cluster reads one contiguous list (the rows only when tested).
+// A point of a cluster, with what the skip tests need inline: scanning a cluster
+// reads one contiguous list, and rows only of the points that survive the tests.
+template <int PW>
 struct Member {
   int32_t idx;
-  float mind;  // canonical distance to the cluster's center (+inf: no center yet)
-  float qerr;  // quantisation error bound of its approximate row (scaled units)
+  float mind;          // canonical distance to the cluster's center (+inf: no center yet)
+  float qerr;          // bound of its copy's error (scaled units)
+  uint16_t p[PW];      // the first PW coordinates of its copy (rotated prefix)
+};
+template <>
+struct Member<0> {
+  int32_t idx;
+  float mind;
 };
 
+template <int PW>
 struct Cluster {
   int32_t center = -1;  // point index, -1 for the initial "no center yet" group
   float r = -kInf;      // max mind over members (-inf when empty)
   int32_t ridx = std::numeric_limits<int32_t>::max();  // lowest index attaining r
-  std::vector<Member> members;
+  std::vector<Member<PW>> members;
 };
 
 inline bool better(float ra, int32_t ia, float rb, int32_t ib) { return ra > rb || (ra == rb && ia < ib); }
@@ -279,31 +312,58 @@ struct WorkItem {
   int32_t cluster;
   int64_t begin, end;  // range in the cluster's member list
   int64_t base;        // offset of this item's slots in the scratch buffers
-  int64_t nkept = 0, nmoved = 0;
+  int64_t nflag = 0, nkept = 0, nmoved = 0;
   float r = -kInf;
   int32_t ridx = std::numeric_limits<int32_t>::max();
 };
 
-class Problem {
+struct Setup {
+  const void* x;  // [N, C] rows
+  int dtype;
+  int64_t N, C;
+  std::vector<int32_t> forced;
+  int64_t picks;
+  int store;         // kStoreInput / kStoreF16 / kStoreBF16 (resolved)
+  const float* mu;   // [C], centres the copy
+  const double* U;   // [C, m] orthonormal columns rotating the copy's prefix, m <= kPW
+  int64_t m;
+  float sig;         // >= 1, bounds ||y(x) - y(s)|| / ||x - s|| for this U
+};
+
+class ProblemBase {
  public:
-  Problem(const void* x, int dtype, int64_t N, int64_t C, std::vector<int32_t> forced, int64_t picks, int storage)
-      : x_(x), dtype_(dtype), N_(N), C_(C), forced_(std::move(forced)), picks_total_(picks), storage_(storage) {
+  virtual ~ProblemBase() = default;
+  // Runs the forced centers (first call) and up to `nsteps` argmax picks; returns
+  // the argmax picks done so far.
+  virtual int64_t advance(int64_t nsteps, int nthreads) = 0;
+  virtual const std::vector<int32_t>& picks() const = 0;
+  virtual float radius() const = 0;
+};
+
+// PW = kPW: the copy is y(x) = [U^T v ; v - U U^T v] (v = x - mu), its first kPW
+// coordinates inline in the members; PW = 0: the copy is v (or x itself).
+template <int PW>
+class Problem final : public ProblemBase {
+  using M = Member<PW>;
+  using Cl = Cluster<PW>;
+
+ public:
+  explicit Problem(Setup s) : st_(std::move(s)) {
     P_ = 1;
-    while (P_ < C_) P_ <<= 1;
+    while (P_ < st_.C) P_ <<= 1;
   }
 
-  // Runs the forced centers (first call) and up to `nsteps` argmax picks.
-  // Returns the argmax picks done so far.
-  int64_t advance(int64_t nsteps, int nthreads) {
+  int64_t advance(int64_t nsteps, int nthreads) override {
     if (!ready_) prepare(nthreads);
-    const size_t need = static_cast<size_t>(P_) * std::max(1, nthreads);
-    if (canon_buf_.size() < need) canon_buf_.resize(need, 0.0);
-    for (; next_forced_ < forced_.size(); ++next_forced_) {
-      const int32_t s = forced_[next_forced_];
+    const size_t nt = static_cast<size_t>(std::max(1, nthreads));
+    if (canon_buf_.size() < static_cast<size_t>(P_) * nt) canon_buf_.resize(static_cast<size_t>(P_) * nt, 0.0);
+    if (list_.size() < kRange * nt) list_.resize(kRange * nt);
+    for (; next_forced_ < st_.forced.size(); ++next_forced_) {
+      const int32_t s = st_.forced[next_forced_];
       if (!selected_[s]) add_center(s, false, 0.f, nthreads);
     }
-    for (int64_t t = 0; t < nsteps && static_cast<int64_t>(picks_.size()) < picks_total_; ++t) {
-      const Cluster& cb = clusters_[tree_[1]];
+    for (int64_t t = 0; t < nsteps && static_cast<int64_t>(picks_.size()) < st_.picks; ++t) {
+      const Cl& cb = clusters_[tree_[1]];
       if (cb.r == -kInf) break;  // nothing left to pick (the bindings rule this out)
       const int32_t s = cb.ridx;
       picks_.push_back(s);
@@ -312,163 +372,206 @@ class Problem {
     return static_cast<int64_t>(picks_.size());
   }
 
-  const std::vector<int32_t>& picks() const { return picks_; }
+  const std::vector<int32_t>& picks() const override { return picks_; }
 
-  float radius() const {
+  float radius() const override {
     if (!ready_) return kInf;
     const float r = clusters_[tree_[1]].r;
     return r == -kInf ? 0.f : r;
   }
 
  private:
-  const void* x_;
-  int dtype_;
-  int64_t N_, C_, P_;
-  std::vector<int32_t> forced_;
+  static constexpr int64_t kRange = 4096;  // points per pass-2 task
+  enum : uint8_t { kUntested = 0, kTest = 1, kLeave = 2, kKept = 3, kMoved = 4 };
+
+  Setup st_;
+  int64_t P_ = 1;
   size_t next_forced_ = 0;
-  int64_t picks_total_;
-  int storage_;
   bool ready_ = false;
 
-  // Approximate rows: q_ (element code qtype_) = (x - mu) * scale_, quantised; qerr_
-  // (empty when q_ is x itself) bounds ||q(x) - (x - mu) * scale_|| per row.
+  // Approximate rows q_ (element code qtype_, C each; after the prefix when PW > 0),
+  // the prefixes pre_ [N, PW], both times scale_; qerr_ bounds the error of a point's
+  // whole copy (prefix and rest) against y(x) scale_ (empty: exact).
   HugeBuffer copy_;
+  std::vector<uint16_t> pre_;
   const void* q_ = nullptr;
   int qtype_ = kF32;
   float scale_ = 1.f;
-  std::vector<float> mu_, qerr_;
-  float gamma_ = 0.f;  // relative bound of the float32 sum of squares
+  std::vector<float> qerr_;
+  float gamma_ = 0.f;  // relative bound of a float32 sum of C + PW squares
 
   std::vector<int32_t> assign_;  // cluster of each unselected point
   std::vector<uint8_t> selected_;
-  std::vector<Cluster> clusters_;
+  std::vector<Cl> clusters_;
   std::vector<int32_t> tree_;
   int64_t cap_ = 1;
   std::vector<int32_t> picks_;
 
   // per-step scratch
   std::vector<float> s_in_, s_q_, dlo_;
+  float sp_[kPW] = {};
+  float sqerr_ = 0.f;
   std::vector<uint8_t> scan_;
   std::vector<int32_t> need_;
   std::vector<WorkItem> items_;
-  std::vector<Member> moved_;
-  std::vector<int32_t> todo_;
+  std::vector<M> moved_;
+  std::vector<uint8_t> flag_;   // per point: kUntested / kTest / kLeave / kKept / kMoved
+  std::vector<float> tmind_;    // per flagged point: its mind, then its new mind
+  std::vector<float> tpart_;    // per flagged point: its prefix's partial sum
+  std::vector<int32_t> list_;   // per thread: flagged points of a range
+  std::vector<int32_t> pos_;    // per work item: positions of its flagged members
   std::vector<double> canon_buf_;
 
   const void* xrow(int64_t i) const {
-    return static_cast<const char*>(x_) + i * C_ * (dtype_ == kF32 ? 4 : 2);
+    return static_cast<const char*>(st_.x) + i * st_.C * (st_.dtype == kF32 ? 4 : 2);
   }
   const void* qrow(int64_t i) const {
-    return static_cast<const char*>(q_) + i * C_ * (qtype_ == kF32 ? 4 : 2);
+    return static_cast<const char*>(q_) + i * st_.C * (qtype_ == kF32 ? 4 : 2);
   }
-  int64_t qrow_bytes() const { return C_ * (qtype_ == kF32 ? 4 : 2); }
+  int64_t qrow_bytes() const { return st_.C * (qtype_ == kF32 ? 4 : 2); }
   float qerr(int64_t i) const { return qerr_.empty() ? 0.f : qerr_[i]; }
+  // target^2 (1 + kKappa) / (1 - gamma): a float32 (partial) sum of squares >= this
+  // proves ||y(x) - y(s)|| scale >= target.
+  float threshold(float target) const { return target * target * (1.f + kKappa) / (1.f - gamma_); }
 
   void prepare(int nthreads) {
-    int store = storage_;
-    if (store == kStoreAuto) {
-      // A copy pays when the rows are read many times and do not sit in cache.
-      const bool big = N_ * C_ * 4 >= (int64_t(4) << 20) && picks_total_ >= 16;
-#if defined(__F16C__)
-      store = (dtype_ == kF32 && big) ? kStoreF16 : kStoreInput;
-#else
-      store = (dtype_ == kF32 && big) ? kStoreBF16 : kStoreInput;
-#endif
-    }
-    if (store == kStoreInput || dtype_ != kF32) {
-      q_ = x_;
-      qtype_ = dtype_;
+    const int64_t N = st_.N;
+    if (st_.store == kStoreInput) {
+      q_ = st_.x;
+      qtype_ = st_.dtype;
     } else {
-      make_copy(store == kStoreF16 ? kF16 : kBF16, nthreads);
+      const int qtype = st_.store == kStoreF16 ? kF16 : kBF16;
+      switch (st_.dtype) {
+        case kF32: make_copy<kF32>(qtype, nthreads); break;
+        case kF16: make_copy<kF16>(qtype, nthreads); break;
+        default: make_copy<kBF16>(qtype, nthreads); break;
+      }
     }
-    gamma_ = static_cast<float>((static_cast<double>(C_) + 4.0) * std::ldexp(1.0, -24) * 1.01);
-    assign_.assign(N_, 0);
-    selected_.assign(N_, 0);
-    const int64_t nclusters = 1 + static_cast<int64_t>(forced_.size()) + picks_total_;
+    gamma_ = static_cast<float>((static_cast<double>(st_.C) + PW + 4.0) * std::ldexp(1.0, -24) * 1.01);
+    assign_.assign(N, 0);
+    selected_.assign(N, 0);
+    const int64_t nclusters = 1 + static_cast<int64_t>(st_.forced.size()) + st_.picks;
     clusters_.reserve(nclusters);
     clusters_.emplace_back();
-    Cluster& c0 = clusters_.back();
-    c0.members.resize(N_);
-    for (int64_t i = 0; i < N_; ++i) c0.members[i] = Member{static_cast<int32_t>(i), kInf, qerr(i)};
+    Cl& c0 = clusters_.back();
+    c0.members.resize(N);
+    for (int64_t i = 0; i < N; ++i) {
+      M& e = c0.members[i];
+      e.idx = static_cast<int32_t>(i);
+      e.mind = kInf;
+      if constexpr (PW > 0) {
+        e.qerr = qerr(i);
+        std::memcpy(e.p, pre_.data() + i * PW, sizeof(e.p));
+      }
+    }
     c0.r = kInf;
     c0.ridx = 0;
     while (cap_ < nclusters) cap_ <<= 1;
     tree_.assign(2 * cap_, -1);
     tree_update(0);
-    s_in_.resize(C_);
-    s_q_.resize(C_);
-    moved_.resize(N_);
-    todo_.resize(N_);
+    s_in_.resize(st_.C);
+    s_q_.resize(st_.C);
+    moved_.resize(N);
+    flag_.assign(N, 0);
+    tmind_.resize(N);
+    tpart_.resize(N);
+    pos_.resize(N);
     ready_ = true;
   }
 
-  // Centred, power-of-two-scaled low-precision copy and its per-row error bound.
+  // y(x) = [U^T v ; v - U U^T v] (PW > 0) or v (v = x - mu), in double, times a power
+  // of two, rounded to fp16 / bf16; qerr = ||q(x) - y(x) scale|| evaluated in double,
+  // plus a bound of the double rounding of y.
+  template <int D>
   void make_copy(int qtype, int nthreads) {
-    const float* x = static_cast<const float*>(x_);
-    const int64_t N = N_, C = C_;
-    std::vector<double> sum(C, 0.0);
-    {
-      std::vector<double> part(static_cast<size_t>(C) * nthreads, 0.0);
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-      {
-        double* p = part.data() + static_cast<size_t>(omp_get_thread_num()) * C;
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < N; ++i)
-          for (int64_t j = 0; j < C; ++j) p[j] += x[i * C + j];
+    const int64_t N = st_.N, C = st_.C, m = PW > 0 ? st_.m : 0, W = PW + C;
+    const float* mu = st_.mu;
+    const double* U = st_.U;
+    // y[0, PW) = prefix (zero beyond m), y[PW, PW + C) = the rest.
+    auto rotate = [&](int64_t i, double* y, double* n2) {
+      const void* xi = xrow(i);
+      double* v = y + PW;
+      double vv = 0.0;
+      for (int64_t j = 0; j < C; ++j) {
+        v[j] = static_cast<double>(load_elem<D>(xi, j)) - static_cast<double>(mu[j]);
+        vv += v[j] * v[j];
       }
-      for (int t = 0; t < nthreads; ++t)
-        for (int64_t j = 0; j < C; ++j) sum[j] += part[static_cast<size_t>(t) * C + j];
+      *n2 = vv;
+      if (PW == 0) return;
+      for (int64_t k = 0; k < PW; ++k) y[k] = 0.0;
+      for (int64_t j = 0; j < C; ++j) {
+        const double* u = U + j * m;
+        for (int64_t k = 0; k < m; ++k) y[k] += v[j] * u[k];
+      }
+      for (int64_t j = 0; j < C; ++j) {
+        const double* u = U + j * m;
+        double a = 0.0;
+        for (int64_t k = 0; k < m; ++k) a += u[k] * y[k];
+        v[j] -= a;
+      }
+    };
+    // The scale comes from the largest row norm: |y_j| <= ||y|| ~ ||v||.
+    double maxnorm = 0.0;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1) reduction(max : maxnorm) schedule(static)
+    for (int64_t i = 0; i < N; ++i) {
+      const void* xi = xrow(i);
+      double vv = 0.0;
+      for (int64_t j = 0; j < C; ++j) {
+        const double v = static_cast<double>(load_elem<D>(xi, j)) - static_cast<double>(mu[j]);
+        vv += v * v;
+      }
+      maxnorm = std::max(maxnorm, std::sqrt(vv));
     }
-    mu_.resize(C);
-    for (int64_t j = 0; j < C; ++j) mu_[j] = static_cast<float>(sum[j] / static_cast<double>(N));
-    float maxabs = 0.f;
-    const float* mu = mu_.data();
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1) reduction(max : maxabs) schedule(static)
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t j = 0; j < C; ++j) maxabs = std::max(maxabs, std::fabs(x[i * C + j] - mu[j]));
     int e = 0;
-    if (maxabs > 0.f) std::frexp(maxabs, &e);  // maxabs < 2^e
-    const int shift = 14 - e;                  // scaled values < 2^14
-    scale_ = std::ldexp(1.f, shift);
+    if (maxnorm > 0.0) std::frexp(maxnorm * st_.sig * (1.0 + 1e-6), &e);  // maxnorm < 2^e
+    scale_ = std::ldexp(1.f, 14 - e);  // scaled values < 2^14: fp16 range, few subnormals
     if (!std::isfinite(scale_) || scale_ == 0.f) scale_ = 1.f;
-    const float scale = scale_;
+    const double scale = scale_;
     copy_.allocate(static_cast<size_t>(N) * C * sizeof(uint16_t));
+    if (PW > 0) pre_.resize(static_cast<size_t>(N) * PW);
     qerr_.resize(N);
     uint16_t* q = static_cast<uint16_t*>(copy_.data());
     float* qerr = qerr_.data();
-    std::vector<float> tmp(static_cast<size_t>(2 * C) * nthreads);
+    // y in double is off by at most (C + 2m + 4) 2^-53 sqrt(m + 1) ||v|| (dot products
+    // of length C and m with unit-norm columns); 4x that as a margin.
+    const double yerr = 4.0 * (static_cast<double>(C) + 2.0 * m + 4.0) * std::ldexp(1.0, -53) *
+                        std::sqrt(static_cast<double>(m) + 1.0);
+    std::vector<double> ybuf(static_cast<size_t>(W) * nthreads);
+    std::vector<float> fbuf(static_cast<size_t>(2 * W) * nthreads);
+    std::vector<uint16_t> hbuf(static_cast<size_t>(W) * nthreads);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-      float* v = tmp.data() + static_cast<size_t>(2 * C) * omp_get_thread_num();
-      float* back = v + C;
+      const int tid = omp_get_thread_num();
+      double* y = ybuf.data() + static_cast<size_t>(W) * tid;
+      float* v = fbuf.data() + static_cast<size_t>(2 * W) * tid;
+      float* back = v + W;
+      uint16_t* h = hbuf.data() + static_cast<size_t>(W) * tid;
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < N; ++i) {
-        const float* xi = x + i * C;
-        uint16_t* qi = q + i * C;
-        for (int64_t j = 0; j < C; ++j) v[j] = (xi[j] - mu[j]) * scale;
+        double n2;
+        rotate(i, y, &n2);
+        for (int64_t j = 0; j < W; ++j) v[j] = static_cast<float>(y[j] * scale);  // power-of-two scaling
         int64_t j = 0;
 #if defined(__F16C__)
         if (qtype == kF16)
-          for (; j + 8 <= C; j += 8) {
-            const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(v + j), _MM_FROUND_TO_NEAREST_INT);
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(qi + j), h);
-            _mm256_storeu_ps(back + j, _mm256_cvtph_ps(h));
+          for (; j + 8 <= W; j += 8) {
+            const __m128i hv = _mm256_cvtps_ph(_mm256_loadu_ps(v + j), _MM_FROUND_TO_NEAREST_INT);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(h + j), hv);
+            _mm256_storeu_ps(back + j, _mm256_cvtph_ps(hv));
           }
 #endif
-        for (; j < C; ++j) {
-          qi[j] = qtype == kF16 ? f32_to_f16(v[j]) : f32_to_bf16(v[j]);
-          back[j] = qtype == kF16 ? f16_to_f32(qi[j]) : bf16_to_f32(qi[j]);
+        for (; j < W; ++j) {
+          h[j] = qtype == kF16 ? f32_to_f16(v[j]) : f32_to_bf16(v[j]);
+          back[j] = qtype == kF16 ? f16_to_f32(h[j]) : bf16_to_f32(h[j]);
         }
-        double err2 = 0.0, mag2 = 0.0;
-        for (int64_t u = 0; u < C; ++u) {
-          const double exact = (static_cast<double>(xi[u]) - static_cast<double>(mu[u])) * scale;
-          const double d = static_cast<double>(back[u]) - exact;
-          const double m = (std::fabs(static_cast<double>(xi[u])) + std::fabs(static_cast<double>(mu[u]))) * scale;
+        if (PW > 0) std::memcpy(pre_.data() + i * PW, h, PW * sizeof(uint16_t));
+        std::memcpy(q + i * C, h + PW, C * sizeof(uint16_t));
+        double err2 = 0.0;
+        for (int64_t u = 0; u < W; ++u) {
+          const double d = static_cast<double>(back[u]) - y[u] * scale;
           err2 += d * d;
-          mag2 += m * m;
         }
-        // The double evaluation above is off by at most ~2^-52 of the magnitudes.
-        qerr[i] = static_cast<float>((std::sqrt(err2) + 1e-14 * std::sqrt(mag2)) * (1.0 + 1e-6));
+        qerr[i] = static_cast<float>((std::sqrt(err2) + yerr * std::sqrt(n2) * scale) * (1.0 + 1e-6) + 1e-30);
       }
     }
     q_ = copy_.data();
@@ -492,20 +595,27 @@ class Problem {
     }
   }
 
+  // Approximate float32 ||q(i) - q(s)||^2 (prefix + rest), stopping early at `stop`.
+  template <int Q>
+  float approx_to_s(int64_t i, float stop) const {
+    float init = 0.f;
+    if constexpr (PW > 0) init = prefix_sq<Q>(pre_.data() + i * PW, sp_);
+    if (init >= stop) return init;
+    return approx_sq<Q>(qrow(i), s_q_.data(), st_.C, init, stop);
+  }
+
   // Which clusters may hold points closer to s than to their center, and a lower
   // bound dlo of d(center, s) for the per-point test.
   template <int Q>
   void phase1(int32_t s, bool by_argmax, float R, int nthreads) {
     const int64_t nc = static_cast<int64_t>(clusters_.size()) - 1;  // the new cluster is last
     const int32_t as = assign_[s];
-    const float Es = qerr(s), scale = scale_, g = gamma_;
+    const float Es = sqerr_, scale = scale_, g = gamma_, sig = st_.sig;
     // For an argmax pick, d(c, s) >= D(s, c) (1 - 1.2e-7) >= R (1 - kKappa) for every center c.
     const float lower = by_argmax ? R * (1.f - kKappa) : 0.f;
-    const float* sq = s_q_.data();
-    const int64_t C = C_;
     need_.clear();
     for (int64_t j = 0; j < nc; ++j) {
-      const Cluster& c = clusters_[j];
+      const Cl& c = clusters_[j];
       scan_[j] = 0;
       if (c.members.empty()) continue;
       if (c.center < 0) {
@@ -517,78 +627,149 @@ class Problem {
       need_.push_back(static_cast<int32_t>(j));
     }
     const int64_t nneed = static_cast<int64_t>(need_.size());
-    const bool par = nthreads > 1 && nneed * C >= (int64_t(1) << 20);
+    const bool par = nthreads > 1 && nneed * st_.C >= (int64_t(1) << 20);
 #pragma omp parallel for num_threads(nthreads) if (par) schedule(dynamic, 16)
     for (int64_t u = 0; u < nneed; ++u) {
       const int32_t j = need_[u];
-      const Cluster& c = clusters_[j];
+      const Cl& c = clusters_[j];
       const float Ec = qerr(c.center);
-      const float target = 2.f * c.r * (1.f + kKappa2) * scale + Ec + Es;
-      const float thr = target * target * (1.f + kKappa) / (1.f - g);
+      // A sum >= thr proves d(c, s) >= 2 r (1 + kKappa2).
+      const float thr = threshold(2.f * c.r * (1.f + kKappa2) * sig * scale + Ec + Es);
       // s's own cluster is always scanned: s leaves it.
       const bool can_stop = j != as && std::isfinite(thr);
-      const float S = approx_sq<Q>(qrow(c.center), sq, C, can_stop ? thr : kInf);
+      const float S = approx_to_s<Q>(c.center, can_stop ? thr : kInf);
       if (can_stop && S >= thr) continue;
-      const float lo = (std::sqrt(S * (1.f - g)) - Ec - Es) / scale * (1.f - kKappa);
+      const float lo = (std::sqrt(S * (1.f - g)) - Ec - Es) / (scale * sig) * (1.f - kKappa);
       dlo_[j] = std::max(lower, std::max(lo, 0.f));
       scan_[j] = 1;
     }
   }
 
-  // One work item: members [begin, end) of a scanned cluster.
+  // Pass 1 on one work item (members [begin, end) of a scanned cluster): the
+  // triangle test, then the prefix's partial sum, on the inline values. The points
+  // still undecided are flagged and their positions listed; the maximum is taken
+  // over the others (they stay, unchanged).
   template <int Q>
-  void scan_item(WorkItem& w, int32_t s, int32_t t, double* buf) {
-    const int64_t C = C_, P = P_, qbytes = qrow_bytes();
-    const float Es = qerr(s), scale = scale_, g = gamma_;
-    const float* sq = s_q_.data();
-    const float* sin = s_in_.data();
-    Member* mem = clusters_[w.cluster].members.data();
+  void mark_item(WorkItem& w, int32_t s) {
+    const M* mem = clusters_[w.cluster].members.data();
     const float dlo = dlo_[w.cluster];
-    int32_t* todo = todo_.data() + w.base;
-    Member* moved = moved_.data() + w.base;
-    // Pass 1: the triangle test on the inline values; survivors' positions to `todo`.
-    int64_t ntodo = 0;
+    const float Es = sqerr_, scale = scale_, sig = st_.sig;
+    uint8_t* flag = flag_.data();
+    int32_t* pos = pos_.data() + w.base;
     for (int64_t i = w.begin; i < w.end; ++i) {
-      const float m = mem[i].mind;
-      if (mem[i].idx == s || !(dlo >= 2.f * m * (1.f + kKappa2))) todo[ntodo++] = static_cast<int32_t>(i);
-    }
-    // Pass 2: rows of the survivors (prefetched a few ahead).
-    constexpr int64_t kAhead = 4;
-    for (int64_t u = 0; u < std::min(ntodo, kAhead); ++u) prefetch_row(qrow(mem[todo[u]].idx), qbytes);
-    for (int64_t u = 0; u < ntodo; ++u) {
-      if (u + kAhead < ntodo) prefetch_row(qrow(mem[todo[u + kAhead]].idx), qbytes);
-      Member& e = mem[todo[u]];
+      const M& e = mem[i];
+      const float m = e.mind;
       if (e.idx == s) {
-        e.idx = -1;  // leaves the cluster
+        flag[e.idx] = kLeave;
+        pos[w.nflag++] = static_cast<int32_t>(i);
         continue;
       }
-      const float m = e.mind;
+      bool settled = dlo >= 2.f * m * (1.f + kKappa2);
+      float part = 0.f;
+      if constexpr (PW > 0) {
+        if (!settled && m != kInf) {
+          // A sum >= thr proves d(x, s) >= mind(x) (1 + kKappa).
+          const float thr = threshold(m * (1.f + kKappa) * sig * scale + e.qerr + Es);
+          part = prefix_sq<Q>(e.p, sp_);
+          settled = part >= thr && std::isfinite(thr);
+        }
+      }
+      if (settled) {
+        if (better(m, e.idx, w.r, w.ridx)) {
+          w.r = m;
+          w.ridx = e.idx;
+        }
+        continue;
+      }
+      flag[e.idx] = kTest;
+      tmind_[e.idx] = m;
+      tpart_[e.idx] = part;
+      pos[w.nflag++] = static_cast<int32_t>(i);
+    }
+  }
+
+  // Pass 2 on the points [lo, hi): the rows of the flagged ones, in memory order.
+  template <int Q>
+  void test_range(int64_t lo, int64_t hi, double* buf, int32_t* list) {
+    const int64_t C = st_.C, P = P_, qbytes = qrow_bytes();
+    const float Es = sqerr_, scale = scale_, sig = st_.sig;
+    const float* sq = s_q_.data();
+    const float* sin = s_in_.data();
+    uint8_t* flag = flag_.data();
+    int64_t n = 0;
+    for (int64_t i = lo; i < hi; ++i) {
+      if (!(i & 7) && i + 8 <= hi) {  // skip 8 clear flags at once
+        uint64_t word;
+        std::memcpy(&word, flag + i, 8);
+        if (!word) {
+          i += 7;
+          continue;
+        }
+      }
+      if (flag[i] == kTest) list[n++] = static_cast<int32_t>(i);
+    }
+    constexpr int64_t kAhead = 6;
+    for (int64_t u = 0; u < std::min(n, kAhead); ++u) prefetch_row(qrow(list[u]), qbytes);
+    for (int64_t u = 0; u < n; ++u) {
+      if (u + kAhead < n) prefetch_row(qrow(list[u + kAhead]), qbytes);
+      const int32_t x = list[u];
+      const float m = tmind_[x];
       if (m != kInf) {
-        const float target = m * (1.f + kKappa) * scale + e.qerr + Es;
-        const float thr = target * target * (1.f + kKappa) / (1.f - g);
-        if (std::isfinite(thr) && approx_sq<Q>(qrow(e.idx), sq, C, thr) >= thr) continue;
+        const float thr = threshold(m * (1.f + kKappa) * sig * scale + qerr(x) + Es);
+        if (std::isfinite(thr) && approx_sq<Q>(qrow(x), sq, C, tpart_[x], thr) >= thr) {
+          flag[x] = kKept;
+          continue;
+        }
       }
       float d;
-      switch (dtype_) {
-        case kF32: d = canonical_dist<kF32>(xrow(e.idx), sin, C, P, buf); break;
-        case kF16: d = canonical_dist<kF16>(xrow(e.idx), sin, C, P, buf); break;
-        default: d = canonical_dist<kBF16>(xrow(e.idx), sin, C, P, buf); break;
+      switch (st_.dtype) {
+        case kF32: d = canonical_dist<kF32>(xrow(x), sin, C, P, buf); break;
+        case kF16: d = canonical_dist<kF16>(xrow(x), sin, C, P, buf); break;
+        default: d = canonical_dist<kBF16>(xrow(x), sin, C, P, buf); break;
       }
       if (d < m) {
-        moved[w.nmoved++] = Member{e.idx, d, e.qerr};
-        assign_[e.idx] = t;
-        e.idx = -1;
+        tmind_[x] = d;
+        flag[x] = kMoved;
+      } else {
+        flag[x] = kKept;
       }
     }
-    // Pass 3: compact the kept members in place and take their maximum.
-    int64_t keep = w.begin;
-    for (int64_t i = w.begin; i < w.end; ++i) {
-      const Member e = mem[i];
-      if (e.idx < 0) continue;
-      mem[keep++] = e;
-      if (better(e.mind, e.idx, w.r, w.ridx)) {
-        w.r = e.mind;
-        w.ridx = e.idx;
+  }
+
+  // Pass 3 on one work item: apply the results to its flagged members, clear their
+  // flags, and compact the list when some left.
+  void collect_item(WorkItem& w, int32_t t) {
+    M* mem = clusters_[w.cluster].members.data();
+    M* moved = moved_.data() + w.base;
+    const int32_t* pos = pos_.data() + w.base;
+    uint8_t* flag = flag_.data();
+    int64_t left = 0;
+    for (int64_t u = 0; u < w.nflag; ++u) {
+      M& e = mem[pos[u]];
+      const uint8_t f = flag[e.idx];
+      flag[e.idx] = kUntested;
+      if (f == kKept) {
+        if (better(e.mind, e.idx, w.r, w.ridx)) {
+          w.r = e.mind;
+          w.ridx = e.idx;
+        }
+        continue;
+      }
+      if (f == kMoved) {
+        moved[w.nmoved] = e;
+        moved[w.nmoved++].mind = tmind_[e.idx];
+        assign_[e.idx] = t;
+      }
+      e.idx = -1;  // moved, or s itself: leaves the cluster
+      ++left;
+    }
+    int64_t keep = w.end;
+    if (left) {
+      keep = w.begin;
+      for (int64_t i = w.begin; i < w.end; ++i) {
+        if (mem[i].idx < 0) continue;
+        if (keep != i) mem[keep] = mem[i];
+        ++keep;
       }
     }
     w.nkept = keep - w.begin;
@@ -596,7 +777,7 @@ class Problem {
 
   template <int Q>
   void add_center_t(int32_t s, bool by_argmax, float R, int nthreads) {
-    const int64_t C = C_;
+    const int64_t C = st_.C, N = st_.N;
     const int32_t t = static_cast<int32_t>(clusters_.size());
     clusters_.emplace_back();
     clusters_.back().center = s;
@@ -604,13 +785,16 @@ class Problem {
     const void* srow = xrow(s);
     const void* sqrow = qrow(s);
     for (int64_t j = 0; j < C; ++j) {
-      switch (dtype_) {
+      switch (st_.dtype) {
         case kF32: s_in_[j] = load_elem<kF32>(srow, j); break;
         case kF16: s_in_[j] = load_elem<kF16>(srow, j); break;
         default: s_in_[j] = load_elem<kBF16>(srow, j); break;
       }
       s_q_[j] = load_elem<Q>(sqrow, j);
     }
+    if constexpr (PW > 0)
+      for (int k = 0; k < PW; ++k) sp_[k] = load_elem<Q>(pre_.data() + s * PW, k);
+    sqerr_ = qerr(s);
     scan_.assign(clusters_.size(), 0);
     dlo_.assign(clusters_.size(), 0.f);
     phase1<Q>(s, by_argmax, R, nthreads);
@@ -618,7 +802,7 @@ class Problem {
     // Work items: chunks of the members of the scanned clusters.
     items_.clear();
     int64_t base = 0;
-    constexpr int64_t kChunk = 1024;
+    constexpr int64_t kChunk = 2048;
     for (int64_t j = 0; j + 1 < static_cast<int64_t>(clusters_.size()); ++j) {
       if (!scan_[j]) continue;
       const int64_t m = static_cast<int64_t>(clusters_[j].members.size());
@@ -633,35 +817,48 @@ class Problem {
       }
     }
     const int64_t nitems = static_cast<int64_t>(items_.size());
-    // Each member costs about one mind test; rows cost more, but are unknown here.
-    const bool par = nthreads > 1 && nitems > 1 && base >= 32768;
-#pragma omp parallel for num_threads(nthreads) if (par) schedule(dynamic, 1)
-    for (int64_t u = 0; u < nitems; ++u)
-      scan_item<Q>(items_[u], s, t, canon_buf_.data() + static_cast<size_t>(par ? omp_get_thread_num() : 0) * P_);
+    // Pass 2 covers all points in ranges; a range without flags costs a byte scan.
+    const int64_t nranges = (N + kRange - 1) / kRange;
+    const bool par = nthreads > 1 && base >= 16384;
+    double* bufs = canon_buf_.data();
+    int32_t* lists = list_.data();
+    const int64_t P = P_;
+#pragma omp parallel num_threads(nthreads) if (par)
+    {
+      const int tid = par ? omp_get_thread_num() : 0;
+#pragma omp for schedule(dynamic, 4)
+      for (int64_t u = 0; u < nitems; ++u) mark_item<Q>(items_[u], s);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t r = 0; r < nranges; ++r)
+        test_range<Q>(r * kRange, std::min(N, (r + 1) * kRange), bufs + static_cast<size_t>(tid) * P,
+                      lists + static_cast<size_t>(tid) * kRange);
+#pragma omp for schedule(dynamic, 4)
+      for (int64_t u = 0; u < nitems; ++u) collect_item(items_[u], t);
+    }
 
     // Merge: close the gaps between the items of each cluster; collect the new cluster.
-    Cluster& nc = clusters_[t];
+    Cl& nc = clusters_[t];
     int64_t nmoved = 0;
     for (const WorkItem& w : items_) nmoved += w.nmoved;
     nc.members.reserve(nmoved);
     int64_t u = 0;
     while (u < nitems) {
       const int32_t j = items_[u].cluster;
-      Cluster& c = clusters_[j];
+      Cl& c = clusters_[j];
       int64_t out = 0;
       c.r = -kInf;
       c.ridx = std::numeric_limits<int32_t>::max();
       for (; u < nitems && items_[u].cluster == j; ++u) {
         const WorkItem& w = items_[u];
         if (w.begin != out && w.nkept)
-          std::memmove(c.members.data() + out, c.members.data() + w.begin, w.nkept * sizeof(Member));
+          std::memmove(c.members.data() + out, c.members.data() + w.begin, w.nkept * sizeof(M));
         out += w.nkept;
         if (better(w.r, w.ridx, c.r, c.ridx)) {
           c.r = w.r;
           c.ridx = w.ridx;
         }
         for (int64_t v = 0; v < w.nmoved; ++v) {
-          const Member& e = moved_[w.base + v];
+          const M& e = moved_[w.base + v];
           nc.members.push_back(e);
           if (better(e.mind, e.idx, nc.r, nc.ridx)) {
             nc.r = e.mind;
@@ -670,7 +867,7 @@ class Problem {
         }
       }
       c.members.resize(out);
-      if (c.members.empty()) std::vector<Member>().swap(c.members);
+      if (c.members.empty()) std::vector<M>().swap(c.members);
       tree_update(j);
     }
     tree_update(t);
@@ -686,22 +883,49 @@ class Problem {
 };
 
 struct State {
-  std::vector<std::unique_ptr<Problem>> problems;
+  std::vector<std::unique_ptr<ProblemBase>> problems;
   int64_t picks = 0;
 };
 
 }  // namespace
 
 // ---------------------------------------------------------------- entry points
+// x [B, N, C]; forced [B, M]; mu [B, C]; U [B, C, m] (m = 0: none); sig [B].
 void* kcenter_create(const void* x, int dtype, int64_t B, int64_t N, int64_t C, const int64_t* forced, int64_t M,
-                     int64_t picks, int storage) {
+                     int64_t picks, int storage, const float* mu, const double* U, int64_t m, const float* sig) {
   auto st = std::make_unique<State>();
   st->picks = picks;
   const int64_t row_bytes = C * (dtype == kF32 ? 4 : 2);
+  int store = storage;
+  if (store == kStoreAuto) {
+    // A copy pays when the rows are read many times and do not sit in cache, or when
+    // it can be rotated.
+    const bool big = N * C * 4 >= (int64_t(4) << 20) && picks >= 16;
+    const bool use = big || (m > 0 && U);
+#if defined(__F16C__)
+    store = use ? kStoreF16 : kStoreInput;
+#else
+    store = use ? kStoreBF16 : kStoreInput;
+#endif
+  }
+  const bool rotated = store != kStoreInput && m > 0 && U;
   for (int64_t b = 0; b < B; ++b) {
-    std::vector<int32_t> f(forced + b * M, forced + (b + 1) * M);
-    st->problems.push_back(std::make_unique<Problem>(static_cast<const char*>(x) + b * N * row_bytes, dtype, N, C,
-                                                     std::move(f), picks, storage));
+    Setup s;
+    s.x = static_cast<const char*>(x) + b * N * row_bytes;
+    s.dtype = dtype;
+    s.N = N;
+    s.C = C;
+    s.forced.assign(forced + b * M, forced + (b + 1) * M);
+    s.picks = picks;
+    s.store = store;
+    s.mu = mu + b * C;
+    s.U = rotated ? U + b * C * m : nullptr;
+    s.m = rotated ? m : 0;
+    s.sig = rotated ? sig[b] : 1.f;
+    if (rotated)
+      st->problems.push_back(std::make_unique<Problem<kPW>>(std::move(s)));
+    else
+      st->problems.push_back(std::make_unique<Problem<0>>(std::move(s)));
   }
   return st.release();
 }

@@ -276,10 +276,56 @@ def _select_reference(xb: torch.Tensor, forced: torch.Tensor, picks: int,
     return idx, mind.amax(dim=1)
 
 
+def _row_mean(xb: torch.Tensor) -> torch.Tensor:
+    """[B, C] float32 mean of the rows, in float64 over bounded chunks."""
+    B, N, C = xb.shape
+    acc = torch.zeros(B, C, dtype=torch.float64)
+    for i in range(0, N, 8192):
+        acc += xb[:, i:i + 8192].double().sum(dim=1)
+    return (acc / N).float()
+
+
+def _pca_basis(xb: torch.Tensor, mu: torch.Tensor, m: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leading principal directions for the C++ kernel's approximate copy.
+
+    Returns U [B, C, m'] float64 with orthonormal columns (m' = 0 when the top m
+    directions hold less than half of the variance: nothing to gain) and sig [B],
+    bounding the distortion of y = [U^T v ; v - U U^T v] for the computed U. Any U
+    keeps the selection exact; a good one lets the scan of a row stop after its first
+    coordinates. Randomized subspace iteration on up to 16,384 sampled rows,
+    deterministic.
+    """
+    B, N, C = xb.shape
+    m = min(m, C // 4)
+    if m < 4:
+        return torch.zeros(B, C, 0, dtype=torch.float64), torch.ones(B)
+    rows = torch.linspace(0, N - 1, min(N, 16384)).round().long()
+    xs = xb[:, rows].float() - mu.unsqueeze(1)
+    q = torch.randn(B, C, m, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        q = torch.linalg.qr(xs.transpose(1, 2) @ (xs @ q)).Q
+    held = (xs @ q).square().sum(dim=(1, 2)) / xs.square().sum(dim=(1, 2)).clamp_min(1e-30)
+    if bool((held < 0.5).all()):
+        return torch.zeros(B, C, 0, dtype=torch.float64), torch.ones(B)
+    u = torch.linalg.qr(q.double()).Q
+    # ||y||^2 = ||v||^2 + v^T U (U^T U - I) U^T v for the computed U.
+    gram = u.transpose(1, 2) @ u - torch.eye(m, dtype=torch.float64)
+    sig = (1.0 + 4.0 * torch.linalg.matrix_norm(gram)).sqrt() * (1 + 1e-9)
+    return u.contiguous(), sig.float().clamp(min=1.0).contiguous()
+
+
 def _select_cpu(xb: torch.Tensor, forced: torch.Tensor, picks: int, progress: bool,
-                storage: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    B = xb.shape[0]
-    sel = _ext._C.KCenter(_ext.as_array(xb), _ext.dtype_code(xb), forced.numpy(), picks, _STORAGE[storage])
+                storage: str = "auto", rotate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    B, N, C = xb.shape
+    mu = _row_mean(xb)
+    if rotate is None:  # worth it when rows are long and read many times
+        rotate = storage != "input" and C >= 32 and N * picks >= 1 << 18
+    if rotate:
+        basis, sig = _pca_basis(xb, mu)
+    else:
+        basis, sig = torch.zeros(B, C, 0, dtype=torch.float64), torch.ones(B)
+    sel = _ext._C.KCenter(_ext.as_array(xb), _ext.dtype_code(xb), forced.numpy(), picks, _STORAGE[storage],
+                          mu.numpy(), basis.numpy(), sig.numpy())
     nthreads = _ext.num_threads()
     if progress:
         chunk = max(1, picks // 200)
@@ -305,12 +351,11 @@ def _select_triton(xb: torch.Tensor, forced: torch.Tensor, picks: int,
 
 
 def _run(x: torch.Tensor, k: int, metric: str, init: torch.Tensor, mode: int, projection_dim: Optional[int],
-         seed: Optional[int], backend: Optional[str], progress: bool,
-         storage: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+         seed: Optional[int], backend: Optional[str], progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     name = resolve_backend(_OP, backend, x.device, _BACKENDS)
     xb, forced, picks = _prepare(x, k, metric, init, mode, projection_dim, seed)
     if name == "cpu":
-        idx, radius = _select_cpu(xb, forced, picks, progress, storage)
+        idx, radius = _select_cpu(xb, forced, picks, progress)
     elif name == "triton":
         idx, radius = _select_triton(xb, forced, picks, progress)
     else:
