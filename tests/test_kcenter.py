@@ -209,10 +209,10 @@ def test_cpu_matches_reference(cpu_isa, case, metric):
     assert_same(want, got)
 
 
-def _cpu_direct(x, k, init, storage, metric="l2"):
+def _cpu_direct(x, k, init, storage, metric="l2", rotate=None):
     mode, init_t = kc._init_arg(init)
     xb, forced, picks = kc._prepare(x, k, metric, init_t, mode, None, None)
-    return kc._select_cpu(xb, forced, picks, False, storage)
+    return kc._select_cpu(xb, forced, picks, False, storage, rotate)
 
 
 def _ref_direct(x, k, init, metric="l2"):
@@ -221,30 +221,47 @@ def _ref_direct(x, k, init, metric="l2"):
     return kc._select_reference(xb, forced, picks, False)
 
 
+# How the C++ kernel stores its approximate rows: the input itself, or an fp16 / bf16
+# copy, plain or PCA-rotated (its first 32 coordinates inline in the cluster lists).
+STORAGES = [("input", False), ("fp16", False), ("fp16", True), ("bf16", False), ("bf16", True)]
+
+
 @requires_cpu_ext
-@pytest.mark.parametrize("storage", ["input", "fp16", "bf16"])
-@pytest.mark.parametrize("data", ["clustered", "gaussian", "duplicates", "integer_ties", "offset"])
-def test_cpu_storages_match_reference_on_hard_data(cpu_isa, storage, data):
+@pytest.mark.parametrize("data", ["clustered", "gaussian", "duplicates", "integer_ties", "offset", "half"])
+def test_cpu_storages_match_reference_on_hard_data(cpu_isa, data):
     g = gen(9)
     if data == "clustered":
-        x = clustered(1500, 40, seed=2)
+        x = clustered(1200, 96, seed=2)
     elif data == "gaussian":
-        x = torch.randn(1200, 48, generator=g)
+        x = torch.randn(1000, 64, generator=g)
     elif data == "duplicates":  # many zero distances: the rule must still give distinct picks
-        x = torch.randn(900, 20, generator=g)
+        x = torch.randn(900, 40, generator=g)
         x[300:600] = x[:300]
         x[600:] = x[5]
     elif data == "integer_ties":  # exact ties everywhere: lowest index must win
         x = torch.randint(-3, 4, (800, 12), generator=g).float()
-    else:  # large common offset, tiny spread: the copy is centred and scaled
-        x = 1000.0 + 1e-3 * clustered(1000, 30, seed=4)
-    k = 350 if data == "duplicates" else 120
+    elif data == "offset":  # large common offset, tiny spread: the copy is centred and scaled
+        x = 1000.0 + 1e-3 * clustered(1000, 64, seed=4)
+    else:  # fp16 input: the copy re-quantises it
+        x = clustered(1000, 128, seed=5).half()
+    k = 350 if data == "duplicates" else 100
     want = _ref_direct(x[None], k, 0)
-    got = _cpu_direct(x[None], k, 0, storage)
-    assert torch.equal(want[0], got[0])
-    assert torch.equal(want[1], got[1])
+    for storage, rotate in STORAGES:
+        got = _cpu_direct(x[None], k, 0, storage, rotate=rotate)
+        assert torch.equal(want[0], got[0]), (storage, rotate)
+        assert torch.equal(want[1], got[1]), (storage, rotate)
     if data == "duplicates":  # k - 1 argmax picks after the start 0
         assert len(set(got[0][0].tolist()) | {0}) == k
+
+
+def test_pca_basis_is_orthonormal_and_skips_unstructured_data():
+    x = clustered(3000, 128, seed=7)[None]
+    u, sig = kc._pca_basis(x, kc._row_mean(x))
+    assert u.shape == (1, 128, 32) and u.dtype == torch.float64
+    assert torch.allclose(u[0].T @ u[0], torch.eye(32, dtype=torch.float64), atol=1e-12)
+    assert 1.0 <= sig.item() < 1.0 + 1e-6
+    noise = torch.randn(1, 3000, 128, generator=gen(8))
+    assert kc._pca_basis(noise, kc._row_mean(noise))[0].shape[2] == 0
 
 
 @requires_cpu_ext
@@ -288,19 +305,32 @@ def test_cpu_progress_bar_gives_the_same_result(capsys):
 @requires_cpu_ext
 def test_cpu_binding_rechecks_arguments():
     x = np.zeros((1, 5, 3), dtype=np.float32)
+    mu = np.zeros((1, 3), np.float32)
+    none = np.zeros((1, 3, 0), np.float64)
+    one = np.ones(1, np.float32)
+
+    def make(xx=x, forced=np.zeros((1, 1), np.int64), picks=2, storage=0, m=mu, basis=none, sig=one):
+        return _ext._C.KCenter(xx, 0, forced, picks, storage, m, basis, sig)
+
     with pytest.raises(ValueError, match="float32"):
-        _ext._C.KCenter(x.astype(np.float64), 0, np.zeros((1, 1), np.int64), 2)
+        make(xx=x.astype(np.float64))
     with pytest.raises(ValueError, match="out of range"):
-        _ext._C.KCenter(x, 0, np.array([[5]], np.int64), 2)
+        make(forced=np.array([[5]], np.int64))
     with pytest.raises(ValueError, match="cannot pick"):
-        _ext._C.KCenter(x, 0, np.array([[1, 1]], np.int64), 5)
+        make(forced=np.array([[1, 1]], np.int64), picks=5)
     with pytest.raises(ValueError, match="shape"):
-        _ext._C.KCenter(x, 0, np.zeros((2, 1), np.int64), 1)
+        make(forced=np.zeros((2, 1), np.int64))
     with pytest.raises(ValueError, match="storage"):
-        _ext._C.KCenter(x, 0, np.zeros((1, 1), np.int64), 1, 7)
+        make(storage=7)
     with pytest.raises(ValueError, match="3 dimensions"):
-        _ext._C.KCenter(x[0], 0, np.zeros((1, 1), np.int64), 1)
-    sel = _ext._C.KCenter(x, 0, np.zeros((1, 1), np.int64), 2)
+        make(xx=x[0])
+    with pytest.raises(ValueError, match="mu"):
+        make(m=np.zeros((1, 4), np.float32))
+    with pytest.raises(ValueError, match="basis"):
+        make(basis=np.zeros((1, 3, 2), np.float32))
+    with pytest.raises(ValueError, match="sig"):
+        make(basis=np.zeros((1, 3, 2), np.float64), sig=np.zeros(1, np.float32))
+    sel = make()
     sel.advance(2, 1)
     with pytest.raises(ValueError, match="indices"):
         sel.result(np.zeros((1, 3), np.int64), np.zeros(1, np.float32))

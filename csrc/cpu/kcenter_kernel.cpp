@@ -487,6 +487,9 @@ class Problem final : public ProblemBase {
     const int64_t N = st_.N, C = st_.C, m = PW > 0 ? st_.m : 0, W = PW + C;
     const float* mu = st_.mu;
     const double* U = st_.U;
+    std::vector<double> Ut(static_cast<size_t>(m) * C);
+    for (int64_t j = 0; j < C; ++j)
+      for (int64_t k = 0; k < m; ++k) Ut[k * C + j] = U[j * m + k];
     // y[0, PW) = prefix (zero beyond m), y[PW, PW + C) = the rest.
     auto rotate = [&](int64_t i, double* y, double* n2) {
       const void* xi = xrow(i);
@@ -503,11 +506,10 @@ class Problem final : public ProblemBase {
         const double* u = U + j * m;
         for (int64_t k = 0; k < m; ++k) y[k] += v[j] * u[k];
       }
-      for (int64_t j = 0; j < C; ++j) {
-        const double* u = U + j * m;
-        double a = 0.0;
-        for (int64_t k = 0; k < m; ++k) a += u[k] * y[k];
-        v[j] -= a;
+      for (int64_t k = 0; k < m; ++k) {  // U^T rows: vectorises over j
+        const double* ut = Ut.data() + k * C;
+        const double yk = y[k];
+        for (int64_t j = 0; j < C; ++j) v[j] -= ut[j] * yk;
       }
     };
     // The scale comes from the largest row norm: |y_j| <= ||y|| ~ ||v||.

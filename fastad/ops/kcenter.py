@@ -93,11 +93,18 @@ def kcenter_greedy(
         The picks are identical on every backend (module docstring: the distance is
         bit-reproducible), ties going to the lowest index.
 
-    Peak memory (beyond ``x``): C++ backend ``O(B*N)`` state, plus an fp16 copy of
-    the rows (``N*C*2`` bytes) when ``x`` is float32 with ``N*C >= 2^20`` (the
-    copy is read instead of ``x``); ``projection_dim`` adds the projected rows
-    ``[B, N, projection_dim]`` float32, ``"cosine"`` the normalised rows (float32).
-    The reference holds ``B*N*C`` float64 per step. No ``N x N`` matrix is formed.
+    Peak memory (beyond ``x``): C++ backend ``O(B*N)`` state (8 bytes per point, 80
+    with the rotated copy) plus, for rows read many times (``N*C >= 2^20`` or a useful
+    PCA rotation), a float16 copy of the rows (``B*N*(C+32)*2`` bytes) that is read
+    instead of ``x``; Triton ``O(B*(N+k))``; the reference ``B*N*C`` float64 per step.
+    ``projection_dim`` adds the projected rows (``B*N*projection_dim`` float32),
+    ``"cosine"`` the normalised rows (float32). No ``N x N`` matrix is ever formed.
+
+    Speed (C++): each new center reads only what the triangle inequality and proved
+    error bounds cannot settle: clusters far from it are skipped, the other points are
+    first tested on the leading PCA coordinates of an fp16 copy kept inline in the
+    cluster lists, then on the copy's row (stopping as soon as the partial sum proves
+    the point stays), and only points that may move get the exact distance.
 
     Bad input: ``k < 1``, ``k`` larger than the points left, ``N == 0``, non-finite
     rows, zero rows under ``"cosine"`` and ``init`` out of range raise ``ValueError``
