@@ -266,18 +266,20 @@ def test_pca_basis_is_orthonormal_and_skips_unstructured_data():
 
 @requires_cpu_ext
 def test_cpu_parallel_paths_match_reference():
-    """Big enough for the multithreaded scan, the pruning and the fp16 copy (auto)."""
+    """Big enough for the multithreaded passes and the pruning; plain and rotated copy."""
     x = clustered(40000, 32, seed=6)
     want = _ref_direct(x[None], 48, 0)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         got = _cpu_direct(x[None], 48, 0, "auto")
+        got_rot = _cpu_direct(x[None], 48, 0, "fp16", rotate=True)
         xb = torch.stack([x[:20000], x[20000:]])  # two problems: parallel over problems
         got_b = _cpu_direct(xb, 30, torch.tensor([[4], [9]]), "auto")
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    assert torch.equal(want[0], got_rot[0]) and torch.equal(want[1], got_rot[1])
     want_b = _ref_direct(xb, 30, torch.tensor([[4], [9]]))
     assert torch.equal(want_b[0], got_b[0]) and torch.equal(want_b[1], got_b[1])
 

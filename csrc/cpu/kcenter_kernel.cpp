@@ -900,9 +900,10 @@ void* kcenter_create(const void* x, int dtype, int64_t B, int64_t N, int64_t C, 
   const int64_t row_bytes = C * (dtype == kF32 ? 4 : 2);
   int store = storage;
   if (store == kStoreAuto) {
-    // A copy pays when the rows are read many times and do not sit in cache, or when
+    // A copy pays when the rows are read many times and do not sit in cache (rows of
+    // small problems, e.g. one image's patches, stay in L2/L3 between steps), or when
     // it can be rotated.
-    const bool big = N * C * 4 >= (int64_t(4) << 20) && picks >= 16;
+    const bool big = N * C * 4 >= (int64_t(16) << 20) && picks >= 16;
     const bool use = big || (m > 0 && U);
 #if defined(__F16C__)
     store = use ? kStoreF16 : kStoreInput;

@@ -94,8 +94,8 @@ def kcenter_greedy(
         bit-reproducible), ties going to the lowest index.
 
     Peak memory (beyond ``x``): C++ backend ``O(B*N)`` state (8 bytes per point, 80
-    with the rotated copy) plus, for rows read many times (``N*C >= 2^20`` or a useful
-    PCA rotation), a float16 copy of the rows (``B*N*(C+32)*2`` bytes) that is read
+    with the rotated copy) plus, for large problems (``N*C >= 2^22``, or ``N >= 16384``
+    with a useful PCA rotation), a float16 copy of the rows (``B*N*(C+32)*2`` bytes) that is read
     instead of ``x``; Triton ``O(B*(N+k))``; the reference ``B*N*C`` float64 per step.
     ``projection_dim`` adds the projected rows (``B*N*projection_dim`` float32),
     ``"cosine"`` the normalised rows (float32). No ``N x N`` matrix is ever formed.
@@ -325,8 +325,8 @@ def _select_cpu(xb: torch.Tensor, forced: torch.Tensor, picks: int, progress: bo
                 storage: str = "auto", rotate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     B, N, C = xb.shape
     mu = _row_mean(xb)
-    if rotate is None:  # worth it when rows are long and read many times
-        rotate = storage != "input" and C >= 32 and N * picks >= 1 << 18
+    if rotate is None:  # worth it for large problems read many times (not per-image ones)
+        rotate = storage != "input" and C >= 32 and N >= 16384 and N * picks >= 1 << 22
     if rotate:
         basis, sig = _pca_basis(xb, mu)
     else:
