@@ -40,9 +40,6 @@
 
 #include <omp.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -249,26 +246,21 @@ inline float prefix_sq(const uint16_t* p, const float* s) {
 #endif
 }
 
-// A buffer on transparent huge pages where the OS offers them: the copy's rows are
-// read with gaps, and 4 KiB pages would cost a TLB miss for many of them.
-class HugeBuffer {
+// A cache-line aligned buffer for the copy (no value initialisation: it is written
+// whole before any read).
+class AlignedBuffer {
  public:
-  HugeBuffer() = default;
-  HugeBuffer(const HugeBuffer&) = delete;
-  HugeBuffer& operator=(const HugeBuffer&) = delete;
-  ~HugeBuffer() { std::free(p_); }
+  AlignedBuffer() = default;
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  ~AlignedBuffer() { std::free(p_); }
   void allocate(size_t bytes) {
     std::free(p_);
     p_ = nullptr;
-    constexpr size_t kAlign = size_t(1) << 21;
-    const size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
-    if (posix_memalign(&p_, kAlign, rounded ? rounded : kAlign) != 0) {
+    if (posix_memalign(&p_, 64, bytes ? bytes : 64) != 0) {
       p_ = nullptr;
       throw std::bad_alloc();
     }
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(p_, rounded, MADV_HUGEPAGE);
-#endif
   }
   void* data() const { return p_; }
 
@@ -392,7 +384,7 @@ class Problem final : public ProblemBase {
   // Approximate rows q_ (element code qtype_, C each; after the prefix when PW > 0),
   // the prefixes pre_ [N, PW], both times scale_; qerr_ bounds the error of a point's
   // whole copy (prefix and rest) against y(x) scale_ (empty: exact).
-  HugeBuffer copy_;
+  AlignedBuffer copy_;
   std::vector<uint16_t> pre_;
   const void* q_ = nullptr;
   int qtype_ = kF32;
