@@ -69,15 +69,15 @@ def recall_at_1(bank, base, queries, metric):
 
 @pytest.mark.parametrize("kind,params,bound", [
     ("ivf", dict(nlist=32, nprobe=4), 0.95),
-    ("ivfpq", dict(nlist=32, nprobe=4, m=16, nbits=8), 0.8),
+    ("ivfpq", dict(nlist=32, nprobe=4, m=16, nbits=6), 0.8),
     ("hnsw", dict(hnsw_m=16, ef_search=64), 0.95),
 ])
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_approximate_recall_on_clustered_data(kind, params, bound, metric):
     """Queries are perturbed bank rows: each has one clear nearest neighbour."""
-    base = clustered(10000, 32, 32, seed=1, spread=0.5)
+    base = clustered(5000, 32, 32, seed=1, spread=0.5)
     g = torch.Generator().manual_seed(9)
-    queries = base[torch.randperm(10000, generator=g)[:300]] + 0.05 * torch.randn(300, 32, generator=g)
+    queries = base[torch.randperm(5000, generator=g)[:300]] + 0.05 * torch.randn(300, 32, generator=g)
     bank = ReferenceBank(32, metric=metric, index=kind, **params)
     bank.add(base)
     bank.build(progress=False)
