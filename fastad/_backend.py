@@ -75,6 +75,14 @@ def _status(name: str) -> BackendStatus:
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
+def _available(name: str) -> bool:
+    """Whether ``name`` can run here, without building the reason: for "cpu" this calls
+    nothing in fastad._C, so torch.compile can trace resolve_backend."""
+    if name == "cpu":
+        return _ext._C is not None
+    return _status(name).available
+
+
 def backends() -> dict[str, BackendStatus]:
     """Which backends can run here, and why not for those that cannot."""
     return {name: _status(name) for name in BACKENDS}
@@ -90,16 +98,16 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, supporte
     if backend is None:
         order = ("triton", "cuda") if device.type == "cuda" else ("cpu",) if device.type == "cpu" else ()
         for name in order:
-            if name in supported and _status(name).available:
+            if name in supported and _available(name):
                 return name
         return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"fastad.ops.{op}: unknown backend {backend!r}; expected one of {BACKENDS} or None")
     if backend not in supported:
         raise BackendUnavailableError(f"fastad.ops.{op} has no {backend!r} backend (it has {supported})")
-    status = _status(backend)
-    if not status.available:
-        raise BackendUnavailableError(f"fastad.ops.{op}: backend {backend!r} is unavailable: {status.reason}")
+    if not _available(backend):
+        raise BackendUnavailableError(
+            f"fastad.ops.{op}: backend {backend!r} is unavailable: {_status(backend).reason}")
     if backend == "cpu" and device.type != "cpu":
         raise BackendUnavailableError(f"fastad.ops.{op}: backend 'cpu' needs CPU tensors, got tensors on {device}")
     if backend == "cuda" and device.type != "cuda":
