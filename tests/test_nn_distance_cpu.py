@@ -82,6 +82,16 @@ def test_large_square_problem_all_paths_agree_bitwise(cpu_isa, metric):
         assert torch.equal(r.indices, results[0].indices)
 
 
+@pytest.mark.parametrize("metric", METRICS)
+def test_many_query_rows_span_several_chunks_and_bank_splits(cpu_isa, metric):
+    """More query rows than one task holds (1,026 for int8), each chunk against a bank
+    split in ranges whose partial top-k lists are merged."""
+    g = torch.Generator().manual_seed(15)
+    q, b = torch.randn(2, 1100, 24, generator=g), torch.randn(700, 24, generator=g)
+    for path in paths_for(metric):
+        check(q, b, path, k=2, metric=metric)
+
+
 def test_int8_screen_rerank_is_exercised_and_counted(cpu_isa):
     g = torch.Generator().manual_seed(3)
     q, b = torch.randn(300, 128, generator=g), torch.randn(2000, 128, generator=g)

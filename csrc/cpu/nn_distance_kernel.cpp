@@ -173,9 +173,11 @@ inline float reduce(Acc a) {
 }
 
 // acc[i][j] += sum over channels [c0, c1) of q[i][c] * b[j][c] (DIFF: (q - b)^2).
-// q rows are float32 and zero-padded to a multiple of 8; b rows are of type DT and
-// unpadded. c0 is a multiple of 8; c1 is a multiple of 8 or C.
-template <int MR, int NR, bool DIFF, int DT>
+// q rows are float32 and zero-padded to a multiple of 8. BS = 8: b rows of type DT,
+// unpadded; BS = 32: float32 panels of 4 rows interleaved by 8 channels and
+// zero-padded (pack_fp32), so channels c..c+7 of row j are at b[j] + (c / 8) * 32.
+// c0 is a multiple of 8; c1 is a multiple of 8 or C.
+template <int MR, int NR, bool DIFF, int DT, int BS = 8>
 inline void kernel(const float* const* q, const void* const* b, int64_t c0, int64_t c1, Acc (&out)[MR][NR]) {
   // local accumulators: through the reference (a may-alias vector type) they would be
   // stored back on every step
@@ -186,6 +188,28 @@ inline void kernel(const float* const* q, const void* const* b, int64_t c0, int6
   for (int i = 0; i < MR; ++i) qr[i] = q[i];
   const void* br[NR];
   for (int j = 0; j < NR; ++j) br[j] = b[j];
+  if constexpr (BS != 8) {  // packed panel: one pointer walks all NR rows
+    static_assert(DT == kF32 && NR * 8 <= BS, "packed panels are float32");
+    const float* pb = static_cast<const float*>(br[0]) + (c0 >> 3) * BS;
+    for (int64_t c = c0; c < c1; c += 8, pb += BS) {
+      __m256 qv[MR];
+      for (int i = 0; i < MR; ++i) qv[i] = _mm256_loadu_ps(qr[i] + c);
+      for (int j = 0; j < NR; ++j) {
+        const __m256 bv = _mm256_loadu_ps(pb + 8 * j);
+        for (int i = 0; i < MR; ++i) {
+          if constexpr (DIFF) {
+            const __m256 d = _mm256_sub_ps(qv[i], bv);
+            acc[i][j] = _mm256_fmadd_ps(d, d, acc[i][j]);
+          } else {
+            acc[i][j] = _mm256_fmadd_ps(qv[i], bv, acc[i][j]);
+          }
+        }
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) out[i][j] = acc[i][j];
+    return;
+  }
   const int64_t full = c1 & ~int64_t(7);
   int64_t c = c0;
   for (; c < full; c += 8) {
@@ -266,13 +290,13 @@ inline float reduce(const Acc& a) {
   return y0 + y1;
 }
 
-template <int MR, int NR, bool DIFF, int DT>
+template <int MR, int NR, bool DIFF, int DT, int BS = 8>
 inline void kernel(const float* const* q, const void* const* b, int64_t c0, int64_t c1, Acc (&acc)[MR][NR]) {
   for (int64_t c = c0; c < c1; c += 8) {
-    const int n = static_cast<int>(std::min<int64_t>(8, c1 - c));
+    const int n = BS == 8 ? static_cast<int>(std::min<int64_t>(8, c1 - c)) : 8;
     for (int j = 0; j < NR; ++j) {
       float bv[8];
-      for (int l = 0; l < 8; ++l) bv[l] = l < n ? load_elem<DT>(b[j], c + l) : 0.0f;
+      for (int l = 0; l < 8; ++l) bv[l] = l < n ? load_elem<DT>(b[j], (c >> 3) * BS + l) : 0.0f;
       for (int i = 0; i < MR; ++i) {
         const float* qi = q[i] + c;
         for (int l = 0; l < 8; ++l) {
@@ -470,38 +494,30 @@ void stats_dispatch(int dt, const void* base, int64_t r0, int64_t r1, int64_t C,
   else row_stats<kBF16>(base, r0, r1, C, n2, maxabs);
 }
 
-// Norm terms of `rows` rows; false when one is outside the range the kernel handles.
-bool norms(const void* base, int dt, int64_t rows, int64_t C, int nthreads, std::vector<float>& inv,
-           std::vector<float>& n2f, std::vector<float>& norm) {
-  inv.resize(static_cast<size_t>(rows));
-  n2f.resize(static_cast<size_t>(rows));
-  norm.resize(static_cast<size_t>(rows));
-  std::atomic<bool> ok{true};
-  const int64_t block = 256;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-  for (int64_t r0 = 0; r0 < rows; r0 += block) {
-    const int64_t r1 = std::min(rows, r0 + block);
-    double n2[256];
-    float mx[256];
-    stats_dispatch(dt, base, r0, r1, C, n2, mx);
-    for (int64_t r = r0; r < r1; ++r) {
-      const double s = n2[r - r0];
-      if (s > 0x1p100 || (mx[r - r0] > 0 && mx[r - r0] < 0x1p-50f)) ok.store(false, std::memory_order_relaxed);
-      const double nr = std::sqrt(s);
-      inv[r] = static_cast<float>(1.0 / std::max(nr, 1e-12));
-      n2f[r] = static_cast<float>(s);
-      norm[r] = up(nr * (1 + 0x1p-40));
-    }
+// Norm terms of rows [r0, r1) of `base` (at most 256); false when one is outside the
+// float32 range the kernel handles.
+bool row_norms(const void* base, int dt, int64_t r0, int64_t r1, int64_t C, float* inv, float* n2f, float* norm) {
+  double n2[256];
+  float mx[256];
+  stats_dispatch(dt, base, r0, r1, C, n2, mx);
+  bool ok = true;
+  for (int64_t r = r0; r < r1; ++r) {
+    const double s = n2[r - r0];
+    if (s > 0x1p100 || (mx[r - r0] > 0 && mx[r - r0] < 0x1p-50f)) ok = false;
+    const double nr = std::sqrt(s);
+    inv[r] = static_cast<float>(1.0 / std::max(nr, 1e-12));
+    n2f[r] = static_cast<float>(s);
+    norm[r] = up(nr * (1 + 0x1p-40));
   }
-  return ok.load();
+  return ok;
 }
 
 // Query rows [r0, r0 + rows) as float32 (q^ for cosine), zero-padded to C8.
 template <int DT>
-void fill_query(const Problem& P, int64_t r0, int64_t rows, float* buf) {
+void fill_query(const Problem& P, int64_t r0, int64_t rows, float* buf, int64_t stride) {
   for (int64_t i = 0; i < rows; ++i) {
     const void* row = row_ptr(P.q, DT, r0 + i, P.C);
-    float* out = buf + i * P.C8;
+    float* out = buf + i * stride;
     load_row<DT>(row, P.C, out);
     if (P.metric == kNNCosine) {
       const float s = P.qinv[r0 + i];
@@ -553,11 +569,36 @@ inline void sort_cands(Cand* c, int n) {
 
 enum Fp32Mode : int { kExactDot = 0, kDirectDiff = 1, kGram = 2 };
 
-// Rows [0, rows) of qbuf (problem rows r0...) against bank rows [m0, m1); their top-k
-// rows are t0, t0 + 1, ...
+// Bank rows [m0, m1) as float32 panels of 4 rows interleaved by 8 channels (panel p at
+// out + 4 p C8, channels c..c+7 of its row j at + (c / 8) * 32 + 8 j), zero-padded:
+// one contiguous stream per micro-tile, whatever the input type.
+template <int DT>
+void pack_fp32(const Problem& P, int64_t m0, int64_t m1, float* out) {
+  const int64_t C = P.C, C8 = P.C8;
+  for (int64_t m = m0; m < m1; m += 4) {
+    float* panel = out + (m - m0) * C8;
+    for (int j = 0; j < 4; ++j) {
+      const bool valid = m + j < m1;
+      const void* row = valid ? row_ptr(P.b, DT, m + j, C) : nullptr;
+      for (int64_t c = 0; c < C8; c += 8) {
+        float* dst = panel + (c / 8) * 32 + j * 8;
+#if NN_AVX2
+        const __m256 v = !valid ? _mm256_setzero_ps()
+                         : c + 8 <= C ? vload<DT>(row, c) : vload_tail<DT>(row, c, static_cast<int>(C - c));
+        _mm256_storeu_ps(dst, v);
+#else
+        for (int l = 0; l < 8; ++l) dst[l] = valid && c + l < C ? load_elem<DT>(row, c + l) : 0.0f;
+#endif
+      }
+    }
+  }
+}
+
+// Rows [0, rows) of qbuf (row stride qs; problem rows r0...) against bank rows [m0, m1)
+// packed by pack_fp32; their top-k rows are t0, t0 + 1, ...
 template <int DT, int MODE>
-void fp32_block(const Problem& P, const float* qbuf, int64_t r0, int64_t rows, int64_t m0, int64_t m1, TopK& top,
-                int64_t t0, TaskCounters& cnt) {
+void fp32_block(const Problem& P, const float* qbuf, int64_t qs, int64_t r0, int64_t rows, const float* packed,
+                int64_t m0, int64_t m1, TopK& top, int64_t t0, TaskCounters& cnt) {
   constexpr int MR = 3, NR = 4;
   constexpr bool DIFF = MODE == kDirectDiff;
   const int64_t C = P.C, C8 = P.C8;
@@ -565,31 +606,23 @@ void fp32_block(const Problem& P, const float* qbuf, int64_t r0, int64_t rows, i
   const int64_t kc = round_up((C + nk - 1) / nk, 8);
   const int64_t nmb = (rows + MR - 1) / MR;
   std::vector<float> kbuf(nk > 1 ? static_cast<size_t>(nmb * MR * NR * 8) : 0);
-  std::vector<float> panel(DT != kF32 ? static_cast<size_t>(NR * C8) : 0);
   Cand cands[NR];
   for (int64_t m = m0; m < m1; m += NR) {
     const int nb = static_cast<int>(std::min<int64_t>(NR, m1 - m));
+    const float* panel = packed + (m - m0) * C8;
     const void* bp[NR];
-    for (int j = 0; j < NR; ++j) {
-      const int64_t jj = m + std::min(j, nb - 1);
-      if constexpr (DT == kF32) {
-        bp[j] = row_ptr(P.b, kF32, jj, C);
-      } else {
-        if (j < nb) load_row<DT>(row_ptr(P.b, DT, jj, C), C, panel.data() + j * C8);
-        bp[j] = panel.data() + std::min(j, nb - 1) * C8;
-      }
-    }
+    for (int j = 0; j < NR; ++j) bp[j] = panel + 8 * j;
     for (int64_t c0 = 0; c0 < C; c0 += kc) {
       const int64_t c1 = std::min(C, c0 + kc);
       for (int64_t mb = 0; mb < nmb; ++mb) {
         const int64_t i0 = mb * MR;
         const float* qp[MR];
-        for (int i = 0; i < MR; ++i) qp[i] = qbuf + std::min(i0 + i, rows - 1) * C8;
+        for (int i = 0; i < MR; ++i) qp[i] = qbuf + std::min(i0 + i, rows - 1) * qs;
         Acc acc[MR][NR];
         float* kb = kbuf.data() + mb * MR * NR * 8;
         for (int i = 0; i < MR; ++i)
           for (int j = 0; j < NR; ++j) acc[i][j] = c0 == 0 ? acc_zero() : acc_load(kb + (i * NR + j) * 8);
-        kernel<MR, NR, DIFF, kF32>(qp, bp, c0, c1, acc);
+        kernel<MR, NR, DIFF, kF32, 32>(qp, bp, c0, c1, acc);
         if (c1 < C) {
           for (int i = 0; i < MR; ++i)
             for (int j = 0; j < NR; ++j) acc_store(kb + (i * NR + j) * 8, acc[i][j]);
@@ -608,7 +641,7 @@ void fp32_block(const Problem& P, const float* qbuf, int64_t r0, int64_t rows, i
             }
             if (nc) {
               sort_cands(cands, nc);
-              rerank<DT, true>(P, qbuf + (i0 + i) * C8, cands, nc, top, tr, cnt.evals);
+              rerank<DT, true>(P, qbuf + (i0 + i) * qs, cands, nc, top, tr, cnt.evals);
             }
           } else {
             for (int j = 0; j < nb; ++j) {
@@ -623,21 +656,27 @@ void fp32_block(const Problem& P, const float* qbuf, int64_t r0, int64_t rows, i
   }
 }
 
-// Query rows [r0, r0 + rows) (top rows 0...) against bank rows [m0, m1): bank blocks
-// that stay in L3 while chunks of query rows that stay in L2 pass over them, so the
-// bank is read from memory once per task.
+// Query rows [r0, r0 + rows) (top rows 0...) against bank rows [m0, m1): bank blocks,
+// packed once, stay in L3 while chunks of query rows that stay in L2 pass over them,
+// so the bank is read from memory once per task. The query buffer's row stride is
+// padded off 4 KiB multiples (rows would alias in L1).
 template <int DT>
 void run_fp32(const Problem& P, int mode, int64_t r0, int64_t rows, int64_t m0, int64_t m1, TopK& top,
               TaskCounters& cnt) {
-  std::vector<float> qbuf(static_cast<size_t>(std::min(rows, kFp32Chunk) * P.C8));
+  const int64_t qs = P.C8 + 16;
+  const int64_t nsub = (rows + kFp32Chunk - 1) / kFp32Chunk;
+  const int64_t sub = round_up((rows + nsub - 1) / nsub, 3);
+  std::vector<float> qbuf(static_cast<size_t>(std::min(rows, sub) * qs));
+  std::vector<float> packed(static_cast<size_t>(std::min(round_up(m1 - m0, 4), kFp32Block) * P.C8));
   for (int64_t bb = m0; bb < m1; bb += kFp32Block) {
     const int64_t be = std::min(m1, bb + kFp32Block);
-    for (int64_t i0 = 0; i0 < rows; i0 += kFp32Chunk) {
-      const int64_t n = std::min(kFp32Chunk, rows - i0);
-      fill_query<DT>(P, r0 + i0, n, qbuf.data());
-      if (mode == kExactDot) fp32_block<DT, kExactDot>(P, qbuf.data(), r0 + i0, n, bb, be, top, i0, cnt);
-      else if (mode == kGram) fp32_block<DT, kGram>(P, qbuf.data(), r0 + i0, n, bb, be, top, i0, cnt);
-      else fp32_block<DT, kDirectDiff>(P, qbuf.data(), r0 + i0, n, bb, be, top, i0, cnt);
+    pack_fp32<DT>(P, bb, be, packed.data());
+    for (int64_t i0 = 0; i0 < rows; i0 += sub) {
+      const int64_t n = std::min(sub, rows - i0);
+      fill_query<DT>(P, r0 + i0, n, qbuf.data(), qs);
+      if (mode == kExactDot) fp32_block<DT, kExactDot>(P, qbuf.data(), qs, r0 + i0, n, packed.data(), bb, be, top, i0, cnt);
+      else if (mode == kGram) fp32_block<DT, kGram>(P, qbuf.data(), qs, r0 + i0, n, packed.data(), bb, be, top, i0, cnt);
+      else fp32_block<DT, kDirectDiff>(P, qbuf.data(), qs, r0 + i0, n, packed.data(), bb, be, top, i0, cnt);
     }
   }
 }
@@ -845,7 +884,7 @@ void prep_rows(const Problem& P, QueryPrep& qp, int64_t i0, int64_t i1) {
   std::vector<float> x(static_cast<size_t>(C8));
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t r = qp.r0 + i;
-    fill_query<DT>(P, r, 1, x.data());  // the canonical q^ (cosine) or q
+    fill_query<DT>(P, r, 1, x.data(), C8);  // the canonical q^ (cosine) or q
     const QuantRow qr = quantise<kF32>(x.data(), C, C8, QuantOut{qp.qu.data() + i * C8, nullptr, 0});
     const double a = std::sqrt(qr.a2) * (1 + 0x1p-50), nq = qr.s * (a + qr.r);
     QRowTerms& t = qp.qt[i];
@@ -880,27 +919,33 @@ void eval_pairs(const Problem& P, int64_t r0, const Pending* pr, int64_t n, TopK
   evals += n;
 }
 
-// Re-rank the candidates one panel left (grouped by row, rows ascending): first the
-// best bound of every row, which usually lifts T above all the others, then those
-// of the rest that still reach T.
+// Re-rank the candidates one bank block left: first the best bound of every row,
+// which usually lifts T above all the others, then those of the rest that still
+// reach T. `by_row` and `start` are scratch (a counting sort by row).
 template <int DT, bool DIFF>
-void rerank_rows(const Problem& P, int64_t r0, std::vector<Pending>& pend, std::vector<Pending>& wave, TopK& top,
-                 int64_t& evals) {
+void rerank_rows(const Problem& P, int64_t r0, int64_t rows, std::vector<Pending>& pend, std::vector<Pending>& by_row,
+                 std::vector<int32_t>& start, std::vector<Pending>& wave, TopK& top, int64_t& evals) {
   const int64_t n = static_cast<int64_t>(pend.size());
+  if (n == 0) return;
+  start.assign(static_cast<size_t>(rows + 1), 0);
+  for (const Pending& x : pend) ++start[x.i + 1];
+  for (int64_t i = 0; i < rows; ++i) start[i + 1] += start[i];
+  by_row.resize(static_cast<size_t>(n));
+  for (const Pending& x : pend) by_row[start[x.i]++] = x;  // start[i] ends at row i's end
   wave.clear();
-  for (int64_t a = 0, b; a < n; a = b) {
-    for (b = a + 1; b < n && pend[b].i == pend[a].i; ++b) {
-    }
-    std::sort(pend.begin() + a, pend.begin() + b,
-              [](const Pending& x, const Pending& y) { return x.u > y.u || (x.u == y.u && x.j < y.j); });
-    wave.push_back(pend[a]);
+  for (int64_t i = 0, a = 0; i < rows; a = start[i++]) {
+    if (a == start[i]) continue;
+    int64_t best = a;
+    for (int64_t t = a + 1; t < start[i]; ++t)
+      if (by_row[t].u > by_row[best].u || (by_row[t].u == by_row[best].u && by_row[t].j < by_row[best].j)) best = t;
+    std::swap(by_row[a], by_row[best]);
+    wave.push_back(by_row[a]);
   }
   eval_pairs<DT, DIFF>(P, r0, wave.data(), static_cast<int64_t>(wave.size()), top, evals);
   wave.clear();
-  for (int64_t a = 0, b; a < n; a = b) {
-    for (b = a + 1; b < n && pend[b].i == pend[a].i; ++b)
-      if (pend[b].u >= top.bound(pend[b].i)) wave.push_back(pend[b]);
-  }
+  for (int64_t i = 0, a = 0; i < rows; a = start[i++])
+    for (int64_t t = a + 1; t < start[i]; ++t)
+      if (by_row[t].u >= top.bound(i)) wave.push_back(by_row[t]);
   eval_pairs<DT, DIFF>(P, r0, wave.data(), static_cast<int64_t>(wave.size()), top, evals);
   pend.clear();
 }
@@ -917,7 +962,8 @@ void run_int8(const Problem& P, const QueryPrep& qp, int64_t m0, int64_t m1, Top
   int8_t* panels = static_cast<int8_t*>(::operator new(static_cast<size_t>(npmax * kPanel * C8), std::align_val_t(64)));
   std::unique_ptr<int8_t, void (*)(int8_t*)> panels_guard(panels, [](int8_t* p) { ::operator delete(p, std::align_val_t(64)); });
   std::vector<PanelCols> cols(static_cast<size_t>(npmax));
-  std::vector<Pending> pend, wave;
+  std::vector<Pending> pend, wave, by_row;
+  std::vector<int32_t> start;
   pend.reserve(static_cast<size_t>(rows * 4));
   const int64_t nmb = (rows + 2) / 3;
   int64_t blocks = 0, evals0 = cnt.evals, pairs0 = 0, pairs = 0;
@@ -1010,9 +1056,9 @@ void run_int8(const Problem& P, const QueryPrep& qp, int64_t m0, int64_t m1, Top
         }
 #endif
       }
-      if (l2) rerank_rows<DT, true>(P, qp.r0, pend, wave, top, cnt.evals);
-      else rerank_rows<DT, false>(P, qp.r0, pend, wave, top, cnt.evals);
     }
+    if (l2) rerank_rows<DT, true>(P, qp.r0, rows, pend, by_row, start, wave, top, cnt.evals);
+    else rerank_rows<DT, false>(P, qp.r0, rows, pend, by_row, start, wave, top, cnt.evals);
     pairs += rows * (me - m);
     cnt.screened += rows * (me - m);
     // Once T has settled (after the start-up blocks), a re-rank rate above 6% of the
@@ -1079,26 +1125,9 @@ void run_problem(Problem& P, int requested_path, int nthreads, NNStats& st) {
     const bool gram = path == kNNFp32 || (path == kNNInt8 && k * (1 + std::log(M / k)) * 16 <= M);
     fp32_mode = gram ? kGram : kDirectDiff;
   }
-  if (fp32_mode == kGram) {
-    // U = 2 sgn D + (alpha P + c) + e >= sigma, see the top of the file
-    const double g = P.gamma, kappa = 4 * g, infl = 1 + 0x1p-18;
-    P.gP.resize(static_cast<size_t>(P.M));
-    P.gc.resize(static_cast<size_t>(P.M));
-    for (int64_t j = 0; j < P.M; ++j) {
-      const double nb = P.bnorm[j];
-      P.gP[j] = up(kappa * nb * infl);
-      P.gc[j] = static_cast<float>(g * nb * nb * infl - P.sgn * static_cast<double>(P.bn2[j]));
-    }
-    P.galpha.resize(static_cast<size_t>(P.NQ));
-    P.ge.resize(static_cast<size_t>(P.NQ));
-    for (int64_t r = 0; r < P.NQ; ++r) {
-      const double nq = P.qnorm[r];
-      P.galpha[r] = P.qnorm[r];
-      P.ge[r] = static_cast<float>(g * nq * nq * infl - P.sgn * static_cast<double>(P.qn2[r]));
-    }
-  }
   const int64_t NQ = P.NQ, M = P.M;
   if (NQ == 0) return;
+  if (static_cast<double>(NQ) * static_cast<double>(M) * static_cast<double>(P.C) < 0x1p22) nthreads = 1;
   // Tasks: chunks of R query rows x S ranges of the bank. The int8 screen wants long
   // chunks (each bank row is quantised once per chunk); both paths read the bank once
   // per chunk. Small k: few long chunks and a split bank (partial top-k lists merged);
@@ -1116,7 +1145,23 @@ void run_problem(Problem& P, int requested_path, int nthreads, NNStats& st) {
   const int64_t span = round_up((M + S - 1) / S, align);
   S = (M + span - 1) / span;
   const int64_t ntask = nchunk * S;
-  // int8 query rows: quantised per task when the bank is not split, else once up front
+
+  // One pass over the rows: norms (and the range check), the l2 Gram screen terms and,
+  // when the bank is split, the int8 query rows shared by the splits (else each task
+  // quantises its own).
+  P.binv.resize(static_cast<size_t>(M));
+  P.bn2.resize(static_cast<size_t>(M));
+  P.bnorm.resize(static_cast<size_t>(M));
+  P.qinv.resize(static_cast<size_t>(NQ));
+  P.qn2.resize(static_cast<size_t>(NQ));
+  P.qnorm.resize(static_cast<size_t>(NQ));
+  const bool gram = fp32_mode == kGram;
+  if (gram) {
+    P.gP.resize(static_cast<size_t>(M));
+    P.gc.resize(static_cast<size_t>(M));
+    P.galpha.resize(static_cast<size_t>(NQ));
+    P.ge.resize(static_cast<size_t>(NQ));
+  }
   std::vector<QueryPrep> preps(path == kNNInt8 && S > 1 ? static_cast<size_t>(nchunk) : 0);
   for (int64_t c = 0; c < static_cast<int64_t>(preps.size()); ++c) {
     preps[c].r0 = c * R;
@@ -1124,13 +1169,36 @@ void run_problem(Problem& P, int requested_path, int nthreads, NNStats& st) {
     preps[c].qu.resize(static_cast<size_t>(preps[c].rows * P.C8));
     preps[c].qt.resize(static_cast<size_t>(preps[c].rows));
   }
-  if (!preps.empty()) {
+  // U = 2 sgn D + (alpha P + c) + e >= sigma for the Gram screen, see the top of the file
+  const double g = P.gamma, kappa = 4 * g, infl = 1 + 0x1p-18;
+  const int64_t nbb = (M + 255) / 256, per_chunk = (R + 63) / 64, nqb = nchunk * per_chunk;
+  std::atomic<bool> in_range{true};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t r = 0; r < NQ; r += 64) {
-      QueryPrep& qp = preps[r / R];
-      const int64_t i0 = r - qp.r0;
-      prep_rows<DT>(P, qp, i0, std::min(qp.rows, i0 + 64));
+  for (int64_t t = 0; t < nbb + nqb; ++t) {
+    if (t < nbb) {
+      const int64_t r0 = t * 256, r1 = std::min(M, r0 + 256);
+      if (!row_norms(P.b, DT, r0, r1, P.C, P.binv.data(), P.bn2.data(), P.bnorm.data())) in_range.store(false);
+      for (int64_t j = r0; gram && j < r1; ++j) {
+        const double nb = P.bnorm[j];
+        P.gP[j] = up(kappa * nb * infl);
+        P.gc[j] = static_cast<float>(g * nb * nb * infl - P.sgn * static_cast<double>(P.bn2[j]));
+      }
+      continue;
     }
+    const int64_t chunk = (t - nbb) / per_chunk, i0 = (t - nbb) % per_chunk * 64;
+    const int64_t r0 = chunk * R + i0, r1 = std::min({NQ, chunk * R + R, r0 + 64});
+    if (r0 >= r1) continue;
+    if (!row_norms(P.q, DT, r0, r1, P.C, P.qinv.data(), P.qn2.data(), P.qnorm.data())) in_range.store(false);
+    for (int64_t r = r0; gram && r < r1; ++r) {
+      const double nq = P.qnorm[r];
+      P.galpha[r] = P.qnorm[r];
+      P.ge[r] = static_cast<float>(g * nq * nq * infl - P.sgn * static_cast<double>(P.qn2[r]));
+    }
+    if (!preps.empty()) prep_rows<DT>(P, preps[chunk], i0, r1 - chunk * R);
+  }
+  if (!in_range.load()) {
+    st.status = 1;
+    return;
   }
   std::vector<std::unique_ptr<TopK>> partial(S > 1 ? static_cast<size_t>(ntask) : 0);
   std::vector<std::unique_ptr<std::atomic<float>[]>> shared(S > 1 ? static_cast<size_t>(nchunk) : 0);
@@ -1240,12 +1308,8 @@ void run_all(const NNArgs& a, NNStats& st) {
     P.indices = a.indices ? a.indices + p * NQ * k : nullptr;
     P.topk = topk;
     P.scale = a.scale;
-    if (!norms(P.b, DT, P.M, P.C, a.nthreads, P.binv, P.bn2, P.bnorm) ||
-        !norms(P.q, DT, P.NQ, P.C, a.nthreads, P.qinv, P.qn2, P.qnorm)) {
-      st.status = 1;
-      return;
-    }
     run_problem<DT>(P, a.path, a.nthreads, st);
+    if (st.status != 0) return;
   }
 }
 
