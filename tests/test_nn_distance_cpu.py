@@ -216,6 +216,25 @@ def test_large_k_top_and_means(cpu_isa):
     res, _ = check(q, b, "auto", k=400, metric="cosine", scale=0.5, reduce="mean_largest", need_indices=True)
 
 
+@pytest.mark.parametrize("metric", METRICS)
+def test_k_a_large_part_of_the_bank_with_groups_and_duplicates(cpu_isa, metric):
+    """k near M selects from each task's tile of values: ties at the k-th value, groups
+    (ineligible pairs) and rows short of eligible entries."""
+    g = torch.Generator().manual_seed(16)
+    b = torch.randn(1000, 20, generator=g)
+    b[500:700] = b[100]  # 201 copies: the k-th value is a tie
+    q = torch.cat([b[100:101], torch.randn(11, 20, generator=g)])
+    qg = torch.tensor([0, 1, 2] * 4)
+    bg = (torch.arange(1000) % 7 == 0).long() + 2 * (torch.arange(1000) >= 990).long()  # group 2: 10 rows
+    for reduce in REDUCES:
+        for path in ("fp32", "l2_direct") if metric == "l2" else ("fp32",):
+            res, _ = check(q, b, path, k=300, metric=metric, reduce=reduce, need_indices=True)
+            if reduce == "topk":
+                ref = nn_distance_reference(q[None], b[None], 300, metric, 1.0, reduce)
+                assert torch.equal(res.indices, ref.indices[0])
+            check(q, b, path, k=300, metric=metric, reduce=reduce, qg=qg, bg=bg, group_match="same")
+
+
 def test_batched_banks_and_groups(cpu_isa):
     g = torch.Generator().manual_seed(11)
     q, b = torch.randn(3, 50, 20, generator=g), torch.randn(3, 300, 20, generator=g)

@@ -351,7 +351,20 @@ struct Entry {
   float s;
   int32_t j;
 };
-inline bool better(const Entry& a, const Entry& b) { return a.s > b.s || (a.s == b.s && a.j < b.j); }
+// The selection order (a function object, so that the sorts inline it).
+struct Better {
+  bool operator()(const Entry& a, const Entry& b) const { return a.s > b.s || (a.s == b.s && a.j < b.j); }
+};
+constexpr Better better{};
+
+// The best min(k, |v|) entries of v, sorted.
+inline void keep_best(std::vector<Entry>& v, int64_t k) {
+  if (static_cast<int64_t>(v.size()) > k) {
+    std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), better);
+    v.resize(static_cast<size_t>(k));
+  }
+  std::sort(v.begin(), v.end(), better);
+}
 
 struct TopK {
   int64_t k = 1, cap = 1;
@@ -409,14 +422,22 @@ struct TopK {
     }
   }
 
+  // Row r holds exactly `best` (at most k entries, any order).
+  void assign(int64_t r, const std::vector<Entry>& best) {
+    std::copy(best.begin(), best.end(), &e[static_cast<size_t>(r * cap)]);
+    n[r] = static_cast<int32_t>(best.size());
+    float worst = kInf;
+    for (const Entry& x : best) worst = std::min(worst, x.s);
+    thr[r] = n[r] == k ? worst : -kInf;
+    publish(r);
+  }
+
   // The best min(k, n) entries of row r, sorted; returns their count.
   int64_t sorted(int64_t r, std::vector<Entry>& out) const {
     const Entry* er = &e[static_cast<size_t>(r * cap)];
     out.assign(er, er + n[r]);
-    const int64_t m = std::min<int64_t>(k, static_cast<int64_t>(out.size()));
-    std::partial_sort(out.begin(), out.begin() + m, out.end(), better);
-    out.resize(static_cast<size_t>(m));
-    return m;
+    keep_best(out, k);
+    return static_cast<int64_t>(out.size());
   }
 };
 
@@ -445,6 +466,9 @@ struct Problem {
   int64_t* indices = nullptr;
   bool topk = true;
   double scale = 1;
+  // k is a large part of M: keep each task's tile of sigma and select once per row
+  // (a running buffer would take most pairs in)
+  bool tile_select = false;
   bool l2() const { return metric == kNNL2; }
   bool eligible(int64_t r, int64_t j) const { return !qg || ((qg[r] == bg[j]) == same); }
   // sigma from the canonical sum of pair (r, j)
@@ -569,6 +593,41 @@ inline void sort_cands(Cand* c, int n) {
 
 enum Fp32Mode : int { kExactDot = 0, kDirectDiff = 1, kGram = 2 };
 
+// Order-preserving integer key of a float (-0 counts as +0, as in comparisons).
+inline uint32_t order_key(float f) {
+  if (f == 0) f = 0.0f;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Key of the k-th largest non-NaN value of row[0, m) (k <= their count): a radix
+// select over 11 + 11 + 10 bits, each pass keeping only the bucket that holds it.
+uint32_t kth_largest_key(const float* row, int64_t m, int64_t k, std::vector<uint32_t>& a, std::vector<uint32_t>& b) {
+  a.clear();
+  for (int64_t j = 0; j < m; ++j)
+    if (row[j] == row[j]) a.push_back(order_key(row[j]));
+  b.resize(a.size());
+  static constexpr int kShift[3] = {21, 10, 0}, kBits[3] = {11, 11, 10};
+  uint32_t hist[2048], prefix = 0;
+  int64_t need = k;
+  for (int d = 0; d < 3; ++d) {
+    const uint32_t bins = 1u << kBits[d];
+    std::fill(hist, hist + bins, 0u);
+    for (uint32_t x : a) ++hist[(x >> kShift[d]) & (bins - 1)];
+    uint32_t sel = bins - 1;
+    for (; sel > 0 && hist[sel] < need; --sel) need -= hist[sel];
+    prefix |= sel << kShift[d];
+    size_t n = 0;
+    for (uint32_t x : a)
+      if (((x >> kShift[d]) & (bins - 1)) == sel) b[n++] = x;
+    b.resize(n);
+    std::swap(a, b);
+    b.resize(a.size());
+  }
+  return prefix;
+}
+
 // Bank rows [m0, m1) as float32 panels of 4 rows interleaved by 8 channels (panel p at
 // out + 4 p C8, channels c..c+7 of its row j at + (c / 8) * 32 + 8 j), zero-padded:
 // one contiguous stream per micro-tile, whatever the input type.
@@ -596,9 +655,12 @@ void pack_fp32(const Problem& P, int64_t m0, int64_t m1, float* out) {
 
 // Rows [0, rows) of qbuf (row stride qs; problem rows r0...) against bank rows [m0, m1)
 // packed by pack_fp32; their top-k rows are t0, t0 + 1, ...
+// With `tile` (exact modes), sigma of (top row t, bank row j) goes to
+// tile[t * tstride + j - tbase] (NaN where ineligible) instead of the top-k.
 template <int DT, int MODE>
 void fp32_block(const Problem& P, const float* qbuf, int64_t qs, int64_t r0, int64_t rows, const float* packed,
-                int64_t m0, int64_t m1, TopK& top, int64_t t0, TaskCounters& cnt) {
+                int64_t m0, int64_t m1, TopK& top, int64_t t0, TaskCounters& cnt, float* tile, int64_t tstride,
+                int64_t tbase) {
   constexpr int MR = 3, NR = 4;
   constexpr bool DIFF = MODE == kDirectDiff;
   const int64_t C = P.C, C8 = P.C8;
@@ -643,6 +705,12 @@ void fp32_block(const Problem& P, const float* qbuf, int64_t qs, int64_t r0, int
               sort_cands(cands, nc);
               rerank<DT, true>(P, qbuf + (i0 + i) * qs, cands, nc, top, tr, cnt.evals);
             }
+          } else if (tile) {
+            float* tr_row = tile + tr * tstride - tbase;
+            for (int j = 0; j < nb; ++j) {
+              const int64_t jj = m + j;
+              tr_row[jj] = P.eligible(r, jj) ? P.sigma(reduce(acc[i][j]), jj) : std::numeric_limits<float>::quiet_NaN();
+            }
           } else {
             for (int j = 0; j < nb; ++j) {
               const int64_t jj = m + j;
@@ -668,16 +736,45 @@ void run_fp32(const Problem& P, int mode, int64_t r0, int64_t rows, int64_t m0, 
   const int64_t sub = round_up((rows + nsub - 1) / nsub, 3);
   std::vector<float> qbuf(static_cast<size_t>(std::min(rows, sub) * qs));
   std::vector<float> packed(static_cast<size_t>(std::min(round_up(m1 - m0, 4), kFp32Block) * P.C8));
+  const bool use_tile = P.tile_select && mode != kGram;
+  std::vector<float> tile(use_tile ? static_cast<size_t>(rows * (m1 - m0)) : 0);
+  float* tp = use_tile ? tile.data() : nullptr;
   for (int64_t bb = m0; bb < m1; bb += kFp32Block) {
     const int64_t be = std::min(m1, bb + kFp32Block);
     pack_fp32<DT>(P, bb, be, packed.data());
     for (int64_t i0 = 0; i0 < rows; i0 += sub) {
       const int64_t n = std::min(sub, rows - i0);
       fill_query<DT>(P, r0 + i0, n, qbuf.data(), qs);
-      if (mode == kExactDot) fp32_block<DT, kExactDot>(P, qbuf.data(), qs, r0 + i0, n, packed.data(), bb, be, top, i0, cnt);
-      else if (mode == kGram) fp32_block<DT, kGram>(P, qbuf.data(), qs, r0 + i0, n, packed.data(), bb, be, top, i0, cnt);
-      else fp32_block<DT, kDirectDiff>(P, qbuf.data(), qs, r0 + i0, n, packed.data(), bb, be, top, i0, cnt);
+      const float* qb = qbuf.data();
+      if (mode == kExactDot) fp32_block<DT, kExactDot>(P, qb, qs, r0 + i0, n, packed.data(), bb, be, top, i0, cnt, tp, m1 - m0, m0);
+      else if (mode == kGram) fp32_block<DT, kGram>(P, qb, qs, r0 + i0, n, packed.data(), bb, be, top, i0, cnt, nullptr, 0, 0);
+      else fp32_block<DT, kDirectDiff>(P, qb, qs, r0 + i0, n, packed.data(), bb, be, top, i0, cnt, tp, m1 - m0, m0);
     }
+  }
+  if (!use_tile) return;
+  // per row: the k-th largest value t, then the values above t and, in index order,
+  // as many equal to t as fit (NaN marks ineligible pairs)
+  std::vector<uint32_t> ka, kb;
+  std::vector<Entry> best;
+  const int64_t span = m1 - m0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* row = tp + i * span;
+    int64_t eligible = 0;
+    for (int64_t j = 0; j < span; ++j) eligible += row[j] == row[j];
+    best.clear();
+    const int64_t k = std::min(top.k, eligible);
+    if (k > 0) {
+      const uint32_t t = kth_largest_key(row, span, k, ka, kb);
+      int64_t above = 0;
+      for (int64_t j = 0; j < span; ++j) above += row[j] == row[j] && order_key(row[j]) > t;
+      int64_t ties = k - above;
+      for (int64_t j = 0; j < span; ++j) {
+        if (row[j] != row[j]) continue;
+        const uint32_t x = order_key(row[j]);
+        if (x > t || (x == t && ties-- > 0)) best.push_back(Entry{row[j], static_cast<int32_t>(m0 + j)});
+      }
+    }
+    top.assign(i, best);
   }
 }
 
@@ -1134,7 +1231,10 @@ void run_problem(Problem& P, int requested_path, int nthreads, NNStats& st) {
   // large k: the per-row buffers bound the chunk.
   const int64_t target = 4 * static_cast<int64_t>(nthreads);
   const int64_t cap = P.k == 1 ? 1 : P.k + std::max<int64_t>(P.k / 2, 16);
-  const int64_t rmax = std::max<int64_t>(kFp32Chunk, std::min<int64_t>(1024, (int64_t(1) << 20) / (cap * 8)));
+  P.tile_select = path != kNNInt8 && static_cast<double>(P.k) * (1 + std::log(static_cast<double>(M) / P.k)) * 4 > M;
+  // 1 MiB of running buffers, or a 4 MiB tile, per task
+  const int64_t rmax = std::max<int64_t>(
+      kFp32Chunk, std::min<int64_t>(1024, (int64_t(1) << 20) / (P.tile_select ? M : cap * 8)));
   int64_t R;
   if (path == kNNInt8) R = std::min<int64_t>(round_up(NQ, 3), 1026);
   else R = std::min(round_up(NQ, 3), std::max(kFp32Chunk, std::min(rmax, round_up((NQ + target - 1) / target, 3))));
@@ -1254,9 +1354,7 @@ void run_problem(Problem& P, int requested_path, int nthreads, NNStats& st) {
           partial[chunk * S + s]->sorted(i, part);
           best.insert(best.end(), part.begin(), part.end());
         }
-        const int64_t m = std::min<int64_t>(P.k, static_cast<int64_t>(best.size()));
-        std::partial_sort(best.begin(), best.begin() + m, best.end(), better);
-        best.resize(static_cast<size_t>(m));
+        keep_best(best, P.k);
         write_row(P, r0 + i, best);
       }
       for (int64_t s = 0; s < S; ++s) partial[chunk * S + s].reset();
