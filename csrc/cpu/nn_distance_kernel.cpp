@@ -172,6 +172,17 @@ inline float reduce(Acc a) {
   return _mm_cvtss_f32(_mm_add_ss(y, _mm_movehdup_ps(y)));
 }
 
+// reduce() of four accumulators at once, the same additions: lane j of the result is
+// ((x_j0 + x_j2) + (x_j1 + x_j3)) with x_jl = a_j[l] + a_j[l + 4].
+inline __m128 reduce4(const Acc* a) {
+  __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(a[0]), _mm256_extractf128_ps(a[0], 1));
+  __m128 t1 = _mm_add_ps(_mm256_castps256_ps128(a[1]), _mm256_extractf128_ps(a[1], 1));
+  __m128 t2 = _mm_add_ps(_mm256_castps256_ps128(a[2]), _mm256_extractf128_ps(a[2], 1));
+  __m128 t3 = _mm_add_ps(_mm256_castps256_ps128(a[3]), _mm256_extractf128_ps(a[3], 1));
+  _MM_TRANSPOSE4_PS(t0, t1, t2, t3);
+  return _mm_add_ps(_mm_add_ps(t0, t2), _mm_add_ps(t1, t3));
+}
+
 // acc[i][j] += sum over channels [c0, c1) of q[i][c] * b[j][c] (DIFF: (q - b)^2).
 // q rows are float32 and zero-padded to a multiple of 8. BS = 8: b rows of type DT,
 // unpadded; BS = 32: float32 panels of 4 rows interleaved by 8 channels and
@@ -705,6 +716,26 @@ void fp32_block(const Problem& P, const float* qbuf, int64_t qs, int64_t r0, int
               sort_cands(cands, nc);
               rerank<DT, true>(P, qbuf + (i0 + i) * qs, cands, nc, top, tr, cnt.evals);
             }
+#if NN_AVX2
+          } else if (!P.qg && nb == NR) {
+            // sigma of the row's four pairs in one vector
+            __m128 v = reduce4(acc[i]);
+            if (P.metric == kNNCosine) v = _mm_mul_ps(v, _mm_loadu_ps(P.binv.data() + m));
+            v = _mm_mul_ps(v, _mm_set1_ps(static_cast<float>(P.metric == kNNL2 ? -P.sgn : P.sgn)));
+            if (tile) {
+              _mm_storeu_ps(tile + tr * tstride + (m - tbase), v);
+            } else {
+              int bits = _mm_movemask_ps(_mm_cmpge_ps(v, _mm_set1_ps(top.bound(tr))));
+              if (bits) {
+                alignas(16) float sv[4];
+                _mm_store_ps(sv, v);
+                for (; bits; bits &= bits - 1) {
+                  const int j = __builtin_ctz(static_cast<unsigned>(bits));
+                  top.push(tr, sv[j], static_cast<int32_t>(m + j));
+                }
+              }
+            }
+#endif
           } else if (tile) {
             float* tr_row = tile + tr * tstride - tbase;
             for (int j = 0; j < nb; ++j) {
