@@ -4,51 +4,70 @@
 // score sigma descending, then bank index ascending (exact ties go to the lowest
 // index). sigma is the metric turned into "larger is kept": cos, -d^2 or q.b, negated
 // for the mean mode that keeps the other end. Nothing of size N x M is formed: tiles
-// live in registers and L1/L2, each row has a running top-k buffer.
+// live in registers and caches, each query row has a running top-k buffer.
 //
 // Canonical arithmetic. Every reported value is one fixed function of (query row,
-// bank row): the "dot layout" float32 sum -- lane l of an 8-wide accumulator sums
-// the products (or squared differences, for l2) of channels c = l mod 8 in order c,
-// one fused multiply-add each, and the 8 lanes are added in the fixed tree
-// ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)). The blocked fp32 microkernel (3 query x 4
-// bank rows) and the one-row re-rank kernel run exactly this sequence, so an exact
-// duplicate gets a bit-identical sigma wherever and however it is computed, and
-// ties resolve by index as in the float64 reference. Cosine: sigma = fl(dot(q^, b) *
-// inv|b|) with q^ = fl(q * inv|q|) (inverse norms max(|x|, 1e-12) as F.normalize).
-// Its error against the exact real value is at most gamma * |q||b| with
-// gamma = (C + 64) u * 1.05, u = 2^-24 (the lane sums have C/8 + 4 roundings).
+// bank row): the "dot layout" float32 sum -- lane l of an 8-wide accumulator sums the
+// products (for l2 the squared differences) of channels c = l mod 8 in order of c,
+// one fused multiply-add each (multiply, then add, in the generic build), and the 8
+// lanes are added in the fixed tree ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)). The blocked
+// kernel (3 query x 4 bank rows), the re-rank kernels and both reductions run exactly
+// this sequence, so an exact duplicate gets a bit-identical sigma wherever, and by
+// whichever path, it is computed, and ties resolve by index as in the float64
+// reference; all paths return bit-identical results. Cosine: sigma = fl(dot(q^, b) *
+// inv|b|) with q^ = fl(q * inv|q|) and inverse norms 1 / max(|x|, 1e-12) as in
+// F.normalize (a zero vector has cosine 0 to everything). The error of sigma against
+// the real value is at most gamma |q||b| (l2: gamma (|q| + |b|)^2) with
+// gamma = (C + 64) u * 1.05, u = 2^-24: the lane sums round C/8 + 6 times at most.
 //
-// Paths (all exact):
+// Paths (all exact; NNPath forces one, auto picks by size, C and k):
 //  * fp32, cosine / ip: the blocked canonical kernel; its values are final.
-//  * fp32, l2 "Gram screen": the kernel gives D = fl(q . b); a pair can only enter the
-//    top-k if its upper bound U = 2D - |b|^2 - |q|^2 + E reaches the row threshold T
-//    (the k-th best exact sigma so far); E covers D's error and the difference between
-//    the Gram form and the canonical difference form d^2 = sum (q_c - b_c)^2, which is
-//    then computed for the surviving pairs (near-duplicates included: no cancellation).
-//  * l2 "direct": the blocked kernel on differences (used when many re-ranks would run).
-//  * int8 screen: query rows (q^ for cosine) are quantised per row as q = s_q (q~ + e_q),
-//    q~ integer in [-63, 63] stored as u8 q~ + 64; bank rows as b = s_b (b~ + e_b),
-//    b~ in [-63, 63] as s8. _mm256_maddubs_epi16 on (u8 <= 127) x (|s8| <= 63) gives
-//    pair sums <= 16002, so two of them add in int16 without saturation (32004) before
-//    _mm256_madd_epi16 widens them: the integer dot q~ . b~ = acc - 64 sum(b~) is exact.
-//    Then |q . b - s_q s_b q~.b~| <= s_q s_b (|q~||e_b| + |e_q||b~| + |e_q||e_b|)
-//    (Cauchy-Schwarz), with |q~|, |b~| exact and |e| computed from the float32
-//    residuals plus the proven bound 2.0001 u (L + 1) sqrt(C) on their own rounding.
-//    Adding gamma-terms for the canonical sum and for every float32 rounding of the
-//    bound itself (gamma has 7C/8 + 60 spare roundings) gives U >= sigma for every
-//    pair. A pair with U < T is strictly worse than k pairs already evaluated, so it
-//    can never be selected; every other pair is re-ranked at once with the canonical
-//    function (best U first, four rows at a time, the bank rows still in cache). The
-//    running buffer therefore holds exact values only and never overflows; a query
-//    chunk whose re-rank rate makes the screen slower than fp32 switches to the fp32
-//    path for the rest of the bank. Rows whose norms leave the float32 range are
-//    refused (status 1) and the caller falls back to the reference.
+//  * fp32, l2 "Gram screen": the kernel gives D = fl(q . b); a pair can enter the
+//    top-k only if its upper bound U = 2D - |b|^2 - |q|^2 + E reaches the row
+//    threshold T (the k-th best exact sigma so far). E = 4 gamma |q||b| + gamma (|q|^2 +
+//    |b|^2) covers D's error and the distance from the Gram form to the canonical
+//    difference form d^2 = sum (q_c - b_c)^2, which is then computed for the pairs
+//    that pass (near-duplicates included: no cancellation).
+//  * l2 "direct": the blocked kernel on differences (when many pairs would pass).
+//  * int8 screen + exact re-rank: query rows (q^ for cosine) are quantised per row as
+//    q = s_q (q~ + e_q), q~ integer in [-63, 63] stored as u8 q~ + 64; bank rows as
+//    b = s_b (b~ + e_b), b~ in [-63, 63] as s8. _mm256_maddubs_epi16 on (u8 <= 127) x
+//    (|s8| <= 63) gives pair sums <= 16002, so two of them add in int16 without
+//    saturation (<= 32004) before _mm256_madd_epi16 widens them: the integer dot
+//    q~ . b~ = acc - 64 sum(b~) is exact. Then, by Cauchy-Schwarz,
+//      |q . b - s_q s_b q~.b~| <= s_q s_b (|q~||e_b| + |e_q||b~| + |e_q||e_b|),
+//    with |q~|, |b~| exact integers and |e| bounded from the float32 residuals (their
+//    squares summed, inflated by (1 + (C + 64) 2^-23)) plus 2.0001 u (L + 1) sqrt(C) for
+//    the rounding of x * (1/s) itself. Adding gamma-terms for the canonical sum and
+//    for every float32 rounding in evaluating the bound (gamma leaves 7C/8 + 58 spare
+//    roundings; each product of bound terms is rounded up and inflated by 1 + 2^-18)
+//    gives U >= sigma for every pair (cosine screens b / |b| = s_b inv|b| (b~ + e_b);
+//    l2 adds the Gram-form terms above). A pair with U < T is strictly worse than k
+//    pairs already evaluated, so it can never be selected; every other pair is
+//    re-ranked with the canonical function: per bank block, first the best bound of
+//    each row (which usually lifts T above the rest), then the others that still
+//    reach T, eight independent pairs per kernel call. The buffers therefore hold exact
+//    values only and cannot overflow; a task whose re-rank rate would make the screen
+//    slower than fp32 switches to the fp32 path for the rest of its bank range.
+//  Rows whose norms leave the float32 range (|x|^2 > 2^100, or 0 < max|x| < 2^-50)
+//  are refused (status 1) and the caller falls back to the reference.
 //
-// Running top-k: k == 1 keeps the best entry; otherwise a buffer of k + max(k/2, 16)
+// Selection: k == 1 keeps the best entry; otherwise a buffer of k + max(k/2, 16)
 // entries with threshold T, compacted with nth_element when full (no heap per insert).
-// Peak memory per thread: a query chunk (int8: 384 rows as u8 + float32; fp32: 66
-// float32 rows), one bank panel / packed block, and k + max(k/2, 16) entries of 8
-// bytes per row of the chunk; plus O(M + N) row statistics per problem.
+// When k is a large part of M (most pairs would enter the buffer) the fp32 paths keep
+// each task's tile of sigma (at most 4 MiB) and pick the k best of each row with a
+// radix select.
+//
+// Work split: tasks of (query chunk, bank range), OpenMP dynamic schedule. int8 chunks
+// hold up to 1,026 query rows (each bank row is quantised once per chunk); fp32
+// chunks are sized for the threads and the selection buffers, and stream 512-row
+// bank blocks (packed once per task, L3) past 66-row query slices (L2). With few
+// chunks the bank is split across tasks that share their row thresholds (any task's
+// k-th best bounds the final one) and the last to finish merges the partial lists.
+// Peak memory per task: fp32 -- a 66-row float32 query slice, a 512-row packed bank
+// block (2 MiB at C = 1,024) and 1 MiB of selection buffers or a 4 MiB tile; int8 --
+// the chunk as u8 (1 KiB per row at C = 1,024), a 96-row packed bank block and the
+// candidate lists of one block; plus 20 bytes per query and bank row per problem.
 #include "cpu/nn_distance_kernel.h"
 
 #include <omp.h>

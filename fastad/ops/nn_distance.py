@@ -275,7 +275,11 @@ def nn_distance(query: torch.Tensor, bank: torch.Tensor, k: int = 1, metric: str
     Non-contiguous inputs are copied. NaN or infinite inputs raise ValueError.
 
     Peak memory: the outputs plus, per backend, reference: a 32 MiB float64 block and its
-    sort; cpu / triton: tiles of the bank and k candidates per query row (see the kernels).
+    sort; cpu: per thread a query chunk and a bank block as float32 or int8 (about 3 MiB at
+    C = 1,024) with k + max(k/2, 16) candidates of 8 bytes per row of the chunk (at most
+    1 MiB; a 4 MiB tile of values instead when k is a large part of M), plus 20 bytes per
+    query and bank row, whatever N x M is (csrc/cpu/nn_distance_kernel.cpp); triton: tiles
+    of the bank and k candidates per query row (see the kernels).
     """
     op = "nn_distance"
     check_tensor(op, "query", query, ndim=(2, 3), dtypes=FLOAT_DTYPES + (torch.float64,))
