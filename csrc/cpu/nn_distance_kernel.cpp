@@ -6,30 +6,37 @@
 // for the mean mode that keeps the other end. Nothing of size N x M is formed: tiles
 // live in registers and caches, each query row has a running top-k buffer.
 //
-// Canonical arithmetic. Every reported value is one fixed function of (query row,
-// bank row): the "dot layout" float32 sum -- lane l of an 8-wide accumulator sums the
-// products (for l2 the squared differences) of channels c = l mod 8 in order of c,
-// one fused multiply-add each (multiply, then add, in the generic build), and the 8
-// lanes are added in the fixed tree ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)). The blocked
-// kernel (3 query x 4 bank rows), the re-rank kernels and both reductions run exactly
-// this sequence, so an exact duplicate gets a bit-identical sigma wherever, and by
-// whichever path, it is computed, and ties resolve by index as in the float64
-// reference; all paths return bit-identical results. Cosine: sigma = fl(dot(q^, b) *
-// inv|b|) with q^ = fl(q * inv|q|) and inverse norms 1 / max(|x|, 1e-12) as in
-// F.normalize (a zero vector has cosine 0 to everything). The error of sigma against
-// the real value is at most gamma |q||b| (l2: gamma (|q| + |b|)^2) with
-// gamma = (C + 64) u * 1.05, u = 2^-24: the lane sums round C/8 + 6 times at most.
+// Canonical arithmetic. Within one call every reported value is one fixed function of
+// (query row, bank row), so an exact duplicate gets a bit-identical sigma wherever,
+// and in whichever task, it is computed, and ties resolve by index as in the float64
+// reference. Two summation orders are used, one per path:
+//  (B) "chain": one fused multiply-add per channel in channel order (for l2 on the
+//      difference q_c - b_c), as the blocked kernel computes it: 6 query rows are
+//      broadcast against 16 bank rows (two 8-wide vectors) from packed panels, like a
+//      BLAS sgemm microkernel. Used where the kernel's values are final.
+//  (A) "dot layout": lane l of an 8-wide accumulator runs the chain of channels
+//      c = l mod 8, then the lanes add in the fixed tree ((l0+l4)+(l2+l6)) +
+//      ((l1+l5)+(l3+l7)). Eight scattered pairs per call run at load / FMA throughput,
+//      so this is the re-rank of screened candidates.
+// (The generic build multiplies, then adds.) Cosine: sigma = fl(s * inv|b|) with s the
+// sum for q^ = fl(q * inv|q|) and b, inverse norms 1 / max(|x|, 1e-12) as F.normalize
+// (a zero vector has cosine 0 to everything). Either sum is within gamma |q||b| of the
+// real value (l2: gamma (|q| + |b|)^2), gamma = (C + 64) u * 1.05, u = 2^-24: a chain
+// rounds at most C + 2 times, a dot-layout sum C/8 + 6 times.
 //
 // Paths (all exact; NNPath forces one, auto picks by size, C and k):
-//  * fp32, cosine / ip: the blocked canonical kernel; its values are final.
-//  * fp32, l2 "Gram screen": the kernel gives D = fl(q . b); a pair can enter the
-//    top-k only if its upper bound U = 2D - |b|^2 - |q|^2 + E reaches the row
-//    threshold T (the k-th best exact sigma so far). E = 4 gamma |q||b| + gamma (|q|^2 +
-//    |b|^2) covers D's error and the distance from the Gram form to the canonical
-//    difference form d^2 = sum (q_c - b_c)^2, which is then computed for the pairs
-//    that pass (near-duplicates included: no cancellation).
-//  * l2 "direct": the blocked kernel on differences (when many pairs would pass).
-//  * int8 screen + exact re-rank: query rows (q^ for cosine) are quantised per row as
+//  * fp32 exact (B): cosine / ip, l2 "direct" (when many l2 candidates would pass a
+//    screen), and every fp32 selection from a tile (below).
+//  * fp32 screen (B screens, A reports): the blocked kernel's D = fl(q . b) bounds
+//    sigma: U = h (g D) + alpha_i P_j + c_j + e_i >= sigma with, for cosine / ip,
+//    h = sgn, g = inv|b| (cosine) or 1, alpha P = 3 gamma |q^||b^| (|q||b| for ip;
+//    covers D's error and the re-rank sum's), and for l2 (Gram form)
+//    U = 2 sgn D - sgn (|b|^2 + |q|^2) + 4 gamma |q||b| + gamma (|q|^2 + |b|^2),
+//    which also covers the distance to the difference form (no cancellation in the
+//    reported values, near-duplicates included). Pairs whose U reaches the row
+//    threshold T (the k-th best exact sigma so far) are re-ranked with (A). Used for
+//    l2 with small k, and when the int8 screen falls back.
+//  * int8 screen + exact re-rank (A): query rows (q^ for cosine) are quantised per row as
 //    q = s_q (q~ + e_q), q~ integer in [-63, 63] stored as u8 q~ + 64; bank rows as
 //    b = s_b (b~ + e_b), b~ in [-63, 63] as s8. _mm256_maddubs_epi16 on (u8 <= 127) x
 //    (|s8| <= 63) gives pair sums <= 16002, so two of them add in int16 without
@@ -38,17 +45,17 @@
 //      |q . b - s_q s_b q~.b~| <= s_q s_b (|q~||e_b| + |e_q||b~| + |e_q||e_b|),
 //    with |q~|, |b~| exact integers and |e| bounded from the float32 residuals (their
 //    squares summed, inflated by (1 + (C + 64) 2^-23)) plus 2.0001 u (L + 1) sqrt(C) for
-//    the rounding of x * (1/s) itself. Adding gamma-terms for the canonical sum and
+//    the rounding of x * (1/s) itself. Adding gamma-terms for the re-rank sum (A) and
 //    for every float32 rounding in evaluating the bound (gamma leaves 7C/8 + 58 spare
 //    roundings; each product of bound terms is rounded up and inflated by 1 + 2^-18)
 //    gives U >= sigma for every pair (cosine screens b / |b| = s_b inv|b| (b~ + e_b);
 //    l2 adds the Gram-form terms above). A pair with U < T is strictly worse than k
 //    pairs already evaluated, so it can never be selected; every other pair is
-//    re-ranked with the canonical function: per bank block, first the best bound of
-//    each row (which usually lifts T above the rest), then the others that still
-//    reach T, eight independent pairs per kernel call. The buffers therefore hold exact
+//    re-ranked with (A): per bank block, first the best bound of each row (which
+//    usually lifts T above the rest), then the others that still reach T, eight
+//    independent pairs per kernel call. The buffers therefore hold exact
 //    values only and cannot overflow; a task whose re-rank rate would make the screen
-//    slower than fp32 switches to the fp32 path for the rest of its bank range.
+//    slower than fp32 switches to the fp32 screen for the rest of its bank range.
 //  Rows whose norms leave the float32 range (|x|^2 > 2^100, or 0 < max|x| < 2^-50)
 //  are refused (status 1) and the caller falls back to the reference.
 //
@@ -60,14 +67,15 @@
 //
 // Work split: tasks of (query chunk, bank range), OpenMP dynamic schedule. int8 chunks
 // hold up to 1,026 query rows (each bank row is quantised once per chunk); fp32
-// chunks are sized for the threads and the selection buffers, and stream 512-row
-// bank blocks (packed once per task, L3) past 66-row query slices (L2). With few
-// chunks the bank is split across tasks that share their row thresholds (any task's
-// k-th best bounds the final one) and the last to finish merges the partial lists.
-// Peak memory per task: fp32 -- a 66-row float32 query slice, a 512-row packed bank
-// block (2 MiB at C = 1,024) and 1 MiB of selection buffers or a 4 MiB tile; int8 --
-// the chunk as u8 (1 KiB per row at C = 1,024), a 96-row packed bank block and the
-// candidate lists of one block; plus 20 bytes per query and bank row per problem.
+// chunks are sized for the threads and the selection buffers; their query rows are
+// packed once, and 512-row bank blocks (packed once per task, L3) stream past 66-row
+// query slices (L2) with one 16-row bank panel k-slice in L1. With few chunks the
+// bank is split across tasks that share their row thresholds (any task's k-th best
+// bounds the final one) and the last to finish merges the partial lists.
+// Peak memory per task: fp32 -- the chunk's packed query rows (5.3 KiB per row at
+// C = 1,024), a 512-row packed bank block (2 MiB) and 1 MiB of selection buffers or a
+// 4 MiB tile; int8 -- the chunk as u8 (1 KiB per row), a 96-row packed bank block and
+// the candidate lists of one block; plus 28 bytes per query and bank row per problem.
 #include "cpu/nn_distance_kernel.h"
 
 #include <omp.h>
@@ -154,12 +162,12 @@ inline float up(double x) {
 }
 
 // ----------------------------------------------------------------------------------
-// Canonical float32 kernel (dot layout, see the top of the file)
+// Canonical float32 sums (one chain per pair, see the top of the file)
+
+constexpr int kMR = 6;   // query rows per micro-tile (broadcast)
+constexpr int kNR = 16;  // bank rows per micro-tile (two vectors)
 
 #if NN_AVX2
-using Acc = __m256;
-inline Acc acc_zero() { return _mm256_setzero_ps(); }
-
 template <int DT>
 inline __m256 vload(const void* row, int64_t c) {
   if constexpr (DT == kF32) {
@@ -185,113 +193,77 @@ inline __m256 vload_tail(const void* row, int64_t c, int n) {
   }
 }
 
-inline float reduce(Acc a) {
-  const __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  const __m128 y = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_add_ss(y, _mm_movehdup_ps(y)));
+// Channels [c, c + 8) of a row (zero past C).
+template <int DT>
+inline __m256 vload_any(const void* row, int64_t c, int64_t C) {
+  return c + 8 <= C ? vload<DT>(row, c) : vload_tail<DT>(row, c, static_cast<int>(C - c));
 }
 
-// reduce() of four accumulators at once, the same additions: lane j of the result is
-// ((x_j0 + x_j2) + (x_j1 + x_j3)) with x_jl = a_j[l] + a_j[l + 4].
-inline __m128 reduce4(const Acc* a) {
-  __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(a[0]), _mm256_extractf128_ps(a[0], 1));
-  __m128 t1 = _mm_add_ps(_mm256_castps256_ps128(a[1]), _mm256_extractf128_ps(a[1], 1));
-  __m128 t2 = _mm_add_ps(_mm256_castps256_ps128(a[2]), _mm256_extractf128_ps(a[2], 1));
-  __m128 t3 = _mm_add_ps(_mm256_castps256_ps128(a[3]), _mm256_extractf128_ps(a[3], 1));
-  _MM_TRANSPOSE4_PS(t0, t1, t2, t3);
-  return _mm_add_ps(_mm_add_ps(t0, t2), _mm_add_ps(t1, t3));
+// 8 x 8 transpose: r[i] lane l  ->  r[l] lane i.
+inline void transpose8(__m256 (&r)[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// acc[i][j] += sum over channels [c0, c1) of q[i][c] * b[j][c] (DIFF: (q - b)^2).
-// q rows are float32 and zero-padded to a multiple of 8. BS = 8: b rows of type DT,
-// unpadded; BS = 32: float32 panels of 4 rows interleaved by 8 channels and
-// zero-padded (pack_fp32), so channels c..c+7 of row j are at b[j] + (c / 8) * 32.
-// c0 is a multiple of 8; c1 is a multiple of 8 or C.
-template <int MR, int NR, bool DIFF, int DT, int BS = 8>
-inline void kernel(const float* const* q, const void* const* b, int64_t c0, int64_t c1, Acc (&out)[MR][NR]) {
-  // local accumulators: through the reference (a may-alias vector type) they would be
-  // stored back on every step
-  Acc acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = out[i][j];
-  const float* qr[MR];
-  for (int i = 0; i < MR; ++i) qr[i] = q[i];
-  const void* br[NR];
-  for (int j = 0; j < NR; ++j) br[j] = b[j];
-  if constexpr (BS != 8) {  // packed panel: one pointer walks all NR rows
-    static_assert(DT == kF32 && NR * 8 <= BS, "packed panels are float32");
-    const float* pb = static_cast<const float*>(br[0]) + (c0 >> 3) * BS;
-    for (int64_t c = c0; c < c1; c += 8, pb += BS) {
-      __m256 qv[MR];
-      for (int i = 0; i < MR; ++i) qv[i] = _mm256_loadu_ps(qr[i] + c);
-      for (int j = 0; j < NR; ++j) {
-        const __m256 bv = _mm256_loadu_ps(pb + 8 * j);
-        for (int i = 0; i < MR; ++i) {
-          if constexpr (DIFF) {
-            const __m256 d = _mm256_sub_ps(qv[i], bv);
-            acc[i][j] = _mm256_fmadd_ps(d, d, acc[i][j]);
-          } else {
-            acc[i][j] = _mm256_fmadd_ps(qv[i], bv, acc[i][j]);
-          }
-        }
-      }
-    }
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) out[i][j] = acc[i][j];
-    return;
+// Micro-tile: acc[i][l] (6 x 16, float32) continues the chains of query row i and
+// bank row l over channels [0, n) of the packed panels: A holds 8 floats per channel
+// (6 query rows + 2 zero), B 16 floats per channel (the 16 bank rows).
+template <bool DIFF>
+inline void gemm_tile(const float* A, const float* B, int64_t n, float* acc) {
+  __m256 c[kMR][2];
+  for (int i = 0; i < kMR; ++i) {
+    c[i][0] = _mm256_loadu_ps(acc + 16 * i);
+    c[i][1] = _mm256_loadu_ps(acc + 16 * i + 8);
   }
-  const int64_t full = c1 & ~int64_t(7);
-  int64_t c = c0;
-  for (; c < full; c += 8) {
-    __m256 qv[MR];
-    for (int i = 0; i < MR; ++i) qv[i] = _mm256_loadu_ps(qr[i] + c);
-    for (int j = 0; j < NR; ++j) {
-      const __m256 bv = vload<DT>(br[j], c);
-      for (int i = 0; i < MR; ++i) {
-        if constexpr (DIFF) {
-          const __m256 d = _mm256_sub_ps(qv[i], bv);
-          acc[i][j] = _mm256_fmadd_ps(d, d, acc[i][j]);
-        } else {
-          acc[i][j] = _mm256_fmadd_ps(qv[i], bv, acc[i][j]);
-        }
+#pragma GCC unroll 4
+  for (int64_t t = 0; t < n; ++t) {
+    const __m256 b0 = _mm256_loadu_ps(B + 16 * t), b1 = _mm256_loadu_ps(B + 16 * t + 8);
+    for (int i = 0; i < kMR; ++i) {
+      const __m256 a = _mm256_broadcast_ss(A + 8 * t + i);
+      if constexpr (DIFF) {
+        const __m256 d0 = _mm256_sub_ps(a, b0), d1 = _mm256_sub_ps(a, b1);
+        c[i][0] = _mm256_fmadd_ps(d0, d0, c[i][0]);
+        c[i][1] = _mm256_fmadd_ps(d1, d1, c[i][1]);
+      } else {
+        c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
+        c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
       }
     }
   }
-  if (c < c1) {
-    const int n = static_cast<int>(c1 - c);
-    __m256 qv[MR];
-    for (int i = 0; i < MR; ++i) qv[i] = _mm256_loadu_ps(qr[i] + c);
-    for (int j = 0; j < NR; ++j) {
-      const __m256 bv = vload_tail<DT>(br[j], c, n);
-      for (int i = 0; i < MR; ++i) {
-        if constexpr (DIFF) {
-          const __m256 d = _mm256_sub_ps(qv[i], bv);
-          acc[i][j] = _mm256_fmadd_ps(d, d, acc[i][j]);
-        } else {
-          acc[i][j] = _mm256_fmadd_ps(qv[i], bv, acc[i][j]);
-        }
-      }
-    }
+  for (int i = 0; i < kMR; ++i) {
+    _mm256_storeu_ps(acc + 16 * i, c[i][0]);
+    _mm256_storeu_ps(acc + 16 * i + 8, c[i][1]);
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) out[i][j] = acc[i][j];
 }
 
-// The canonical sums of NP unrelated pairs (q[p], b[p]): NP independent chains, so the
-// re-rank of scattered candidates runs at throughput instead of FMA latency. The query
-// rows are read in their own type; SCALE multiplies them by qs[p] first, which gives
-// exactly the float32 q^ = fl(q * inv|q|) of the cosine query buffers.
+// Re-rank sum of NP unrelated pairs (q[p], b[p]) in the "dot layout": lane l of an
+// 8-wide accumulator runs the chain of channels c = l mod 8, then the lanes add in the
+// fixed tree ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)). NP independent accumulators keep
+// the FMA pipes busy on scattered rows. SCALE multiplies query row p by qs[p] first,
+// which gives exactly the float32 q^ = fl(q * inv|q|) of the cosine query panels.
 template <int NP, bool DIFF, int DT, bool SCALE>
-inline void kernel_pairs(const void* const* q, const float* qs, const void* const* b, int64_t C, float* out) {
-  Acc acc[NP];
+inline void pairs_dot(const void* const* q, const float* qs, const void* const* b, int64_t C, float* out) {
+  __m256 acc[NP];
   for (int p = 0; p < NP; ++p) acc[p] = _mm256_setzero_ps();
-  const int64_t full = C & ~int64_t(7);
   for (int64_t c = 0; c < C; c += 8) {
-    const int n = static_cast<int>(std::min<int64_t>(8, C - c));
     for (int p = 0; p < NP; ++p) {
-      __m256 qv = c < full ? vload<DT>(q[p], c) : vload_tail<DT>(q[p], c, n);
+      __m256 qv = vload_any<DT>(q[p], c, C);
       if constexpr (SCALE) qv = _mm256_mul_ps(qv, _mm256_set1_ps(qs[p]));
-      const __m256 bv = c < full ? vload<DT>(b[p], c) : vload_tail<DT>(b[p], c, n);
+      const __m256 bv = vload_any<DT>(b[p], c, C);
       if constexpr (DIFF) {
         const __m256 d = _mm256_sub_ps(qv, bv);
         acc[p] = _mm256_fmadd_ps(d, d, acc[p]);
@@ -300,42 +272,62 @@ inline void kernel_pairs(const void* const* q, const float* qs, const void* cons
       }
     }
   }
-  for (int p = 0; p < NP; ++p) out[p] = reduce(acc[p]);
+  for (int p = 0; p < NP; ++p) {
+    const __m128 x = _mm_add_ps(_mm256_castps256_ps128(acc[p]), _mm256_extractf128_ps(acc[p], 1));
+    const __m128 y = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    out[p] = _mm_cvtss_f32(_mm_add_ss(y, _mm_movehdup_ps(y)));
+  }
 }
 
-inline void acc_store(float* dst, Acc a) { _mm256_storeu_ps(dst, a); }
-inline Acc acc_load(const float* src) { return _mm256_loadu_ps(src); }
-
-#else  // portable fallback with the same lane structure
-
-struct Acc {
-  float v[8];
-};
-inline Acc acc_zero() { return Acc{{0, 0, 0, 0, 0, 0, 0, 0}}; }
-
-inline float reduce(const Acc& a) {
-  float x[4];
-  for (int l = 0; l < 4; ++l) x[l] = a.v[l] + a.v[l + 4];
-  const float y0 = x[0] + x[2], y1 = x[1] + x[3];
-  return y0 + y1;
+// Bank rows [m0, m1) as panels of 16 rows, 16 floats per channel (zero past m1 and C).
+template <int DT>
+void pack_bank(const void* base, int64_t C, int64_t C8, int64_t m0, int64_t m1, float* out) {
+  for (int64_t m = m0; m < m1; m += kNR) {
+    float* panel = out + (m - m0) * C8;
+    for (int h = 0; h < 2; ++h) {
+      const void* rows[8];
+      int valid = 0;
+      for (int l = 0; l < 8; ++l) {
+        const int64_t j = m + 8 * h + l;
+        rows[l] = j < m1 ? row_ptr(base, DT, j, C) : nullptr;
+        valid += j < m1;
+      }
+      for (int64_t c = 0; c < C8; c += 8) {
+        __m256 r[8];
+        for (int l = 0; l < 8; ++l) r[l] = l < valid ? vload_any<DT>(rows[l], c, C) : _mm256_setzero_ps();
+        transpose8(r);
+        for (int t = 0; t < 8; ++t) _mm256_storeu_ps(panel + 16 * (c + t) + 8 * h, r[t]);
+      }
+    }
+  }
 }
 
-template <int MR, int NR, bool DIFF, int DT, int BS = 8>
-inline void kernel(const float* const* q, const void* const* b, int64_t c0, int64_t c1, Acc (&acc)[MR][NR]) {
-  for (int64_t c = c0; c < c1; c += 8) {
-    const int n = BS == 8 ? static_cast<int>(std::min<int64_t>(8, c1 - c)) : 8;
-    for (int j = 0; j < NR; ++j) {
-      float bv[8];
-      for (int l = 0; l < 8; ++l) bv[l] = l < n ? load_elem<DT>(b[j], (c >> 3) * BS + l) : 0.0f;
-      for (int i = 0; i < MR; ++i) {
-        const float* qi = q[i] + c;
-        for (int l = 0; l < 8; ++l) {
-          if constexpr (DIFF) {
-            const float d = qi[l] - bv[l];
-            acc[i][j].v[l] += d * d;
-          } else {
-            acc[i][j].v[l] += qi[l] * bv[l];
-          }
+// Query rows (float32, row stride qs) as panels of 6 rows, 8 floats per channel.
+inline void pack_query(const float* rows, int64_t qs, int64_t n, int64_t C8, float* out) {
+  for (int64_t i0 = 0; i0 < n; i0 += kMR) {
+    float* panel = out + i0 / kMR * 8 * C8;
+    for (int64_t c = 0; c < C8; c += 8) {
+      __m256 r[8];
+      for (int l = 0; l < 8; ++l) r[l] = l < kMR && i0 + l < n ? _mm256_loadu_ps(rows + (i0 + l) * qs + c) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int t = 0; t < 8; ++t) _mm256_storeu_ps(panel + 8 * (c + t), r[t]);
+    }
+  }
+}
+
+#else  // portable fallback: the same chains, multiply then add
+
+template <bool DIFF>
+inline void gemm_tile(const float* A, const float* B, int64_t n, float* acc) {
+  for (int64_t t = 0; t < n; ++t) {
+    for (int i = 0; i < kMR; ++i) {
+      const float a = A[8 * t + i];
+      for (int l = 0; l < kNR; ++l) {
+        if constexpr (DIFF) {
+          const float d = a - B[16 * t + l];
+          acc[16 * i + l] += d * d;
+        } else {
+          acc[16 * i + l] += a * B[16 * t + l];
         }
       }
     }
@@ -343,9 +335,9 @@ inline void kernel(const float* const* q, const void* const* b, int64_t c0, int6
 }
 
 template <int NP, bool DIFF, int DT, bool SCALE>
-inline void kernel_pairs(const void* const* q, const float* qs, const void* const* b, int64_t C, float* out) {
+inline void pairs_dot(const void* const* q, const float* qs, const void* const* b, int64_t C, float* out) {
   for (int p = 0; p < NP; ++p) {
-    Acc acc = acc_zero();
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t c = 0; c < C; c += 8) {
       for (int l = 0; l < 8; ++l) {
         float qv = 0.0f, bv = 0.0f;
@@ -356,21 +348,35 @@ inline void kernel_pairs(const void* const* q, const float* qs, const void* cons
         }
         if constexpr (DIFF) {
           const float d = qv - bv;
-          acc.v[l] += d * d;
+          acc[l] += d * d;
         } else {
-          acc.v[l] += qv * bv;
+          acc[l] += qv * bv;
         }
       }
     }
-    out[p] = reduce(acc);
+    const float y0 = (acc[0] + acc[4]) + (acc[2] + acc[6]), y1 = (acc[1] + acc[5]) + (acc[3] + acc[7]);
+    out[p] = y0 + y1;
   }
 }
 
-inline void acc_store(float* dst, const Acc& a) { std::memcpy(dst, a.v, sizeof(a.v)); }
-inline Acc acc_load(const float* src) {
-  Acc a;
-  std::memcpy(a.v, src, sizeof(a.v));
-  return a;
+template <int DT>
+void pack_bank(const void* base, int64_t C, int64_t C8, int64_t m0, int64_t m1, float* out) {
+  for (int64_t m = m0; m < m1; m += kNR) {
+    float* panel = out + (m - m0) * C8;
+    for (int l = 0; l < kNR; ++l) {
+      const int64_t j = m + l;
+      const void* row = j < m1 ? row_ptr(base, DT, j, C) : nullptr;
+      for (int64_t c = 0; c < C8; ++c) panel[16 * c + l] = row && c < C ? load_elem<DT>(row, c) : 0.0f;
+    }
+  }
+}
+
+inline void pack_query(const float* rows, int64_t qs, int64_t n, int64_t C8, float* out) {
+  for (int64_t i0 = 0; i0 < n; i0 += kMR) {
+    float* panel = out + i0 / kMR * 8 * C8;
+    for (int64_t c = 0; c < C8; ++c)
+      for (int l = 0; l < 8; ++l) panel[8 * c + l] = l < kMR && i0 + l < n ? rows[(i0 + l) * qs + c] : 0.0f;
+  }
 }
 #endif
 
@@ -489,8 +495,9 @@ struct Problem {
   std::vector<float> binv, bn2, bnorm;
   // per query row
   std::vector<float> qinv, qn2, qnorm;
-  // l2 Gram screen terms (per bank row / query row)
-  std::vector<float> gP, gc, galpha, ge;
+  // fp32 screen terms (per bank row / query row; sh per problem)
+  float sh = 1;
+  std::vector<float> gg, gP, gc, galpha, ge;
   // outputs
   float* values = nullptr;
   int64_t* indices = nullptr;
@@ -511,11 +518,6 @@ struct Problem {
 
 struct TaskCounters {
   int64_t evals = 0, screened = 0, int8_tasks = 0, switched = 0;
-};
-
-struct Cand {
-  float u;
-  int32_t j;
 };
 
 template <int DT>
@@ -581,47 +583,10 @@ void fill_query(const Problem& P, int64_t r0, int64_t rows, float* buf, int64_t 
   }
 }
 
-// Re-rank candidates of one query row exactly (cands sorted by bound, best first),
-// four bank rows per canonical kernel call, skipping those the threshold excludes.
-template <int DT, bool DIFF>
-void rerank(const Problem& P, const float* qrow, Cand* cands, int nc, TopK& top, int64_t tr, int64_t& evals) {
-  int t = 0;
-  while (t < nc) {
-    const void* bp[4];
-    int32_t js[4];
-    int nb = 0;
-    for (; t < nc && nb < 4; ++t) {
-      if (!(cands[t].u >= top.bound(tr))) {
-        t = nc;  // sorted: nothing after this can pass either
-        break;
-      }
-      js[nb] = cands[t].j;
-      bp[nb] = row_ptr(P.b, DT, cands[t].j, P.C);
-      ++nb;
-    }
-    if (nb == 0) break;
-    for (int j = nb; j < 4; ++j) bp[j] = bp[0];
-    Acc acc[1][4] = {{acc_zero(), acc_zero(), acc_zero(), acc_zero()}};
-    kernel<1, 4, DIFF, DT>(&qrow, bp, 0, P.C, acc);
-    for (int j = 0; j < nb; ++j) top.push(tr, P.sigma(reduce(acc[0][j]), js[j]), js[j]);
-    evals += nb;
-  }
-}
-
-// Insertion sort, best bound first (n <= 24).
-inline void sort_cands(Cand* c, int n) {
-  for (int a = 1; a < n; ++a) {
-    const Cand x = c[a];
-    int b = a;
-    for (; b > 0 && (c[b - 1].u < x.u || (c[b - 1].u == x.u && c[b - 1].j > x.j)); --b) c[b] = c[b - 1];
-    c[b] = x;
-  }
-}
-
 // ----------------------------------------------------------------------------------
 // fp32 path: blocked canonical kernel, 3 query rows x 4 bank rows per micro-tile.
 
-enum Fp32Mode : int { kExactDot = 0, kDirectDiff = 1, kGram = 2 };
+enum Fp32Mode : int { kExactDot = 0, kDirectDiff = 1, kScreen = 2 };
 
 // Order-preserving integer key of a float (-0 counts as +0, as in comparisons).
 inline uint32_t order_key(float f) {
@@ -658,115 +623,131 @@ uint32_t kth_largest_key(const float* row, int64_t m, int64_t k, std::vector<uin
   return prefix;
 }
 
-// Bank rows [m0, m1) as float32 panels of 4 rows interleaved by 8 channels (panel p at
-// out + 4 p C8, channels c..c+7 of its row j at + (c / 8) * 32 + 8 j), zero-padded:
-// one contiguous stream per micro-tile, whatever the input type.
-template <int DT>
-void pack_fp32(const Problem& P, int64_t m0, int64_t m1, float* out) {
-  const int64_t C = P.C, C8 = P.C8;
-  for (int64_t m = m0; m < m1; m += 4) {
-    float* panel = out + (m - m0) * C8;
-    for (int j = 0; j < 4; ++j) {
-      const bool valid = m + j < m1;
-      const void* row = valid ? row_ptr(P.b, DT, m + j, C) : nullptr;
-      for (int64_t c = 0; c < C8; c += 8) {
-        float* dst = panel + (c / 8) * 32 + j * 8;
-#if NN_AVX2
-        const __m256 v = !valid ? _mm256_setzero_ps()
-                         : c + 8 <= C ? vload<DT>(row, c) : vload_tail<DT>(row, c, static_cast<int>(C - c));
-        _mm256_storeu_ps(dst, v);
-#else
-        for (int l = 0; l < 8; ++l) dst[l] = valid && c + l < C ? load_elem<DT>(row, c + l) : 0.0f;
-#endif
-      }
+struct Pending {
+  int32_t i;  // query row of the task
+  float u;    // upper bound of sigma
+  int32_t j;  // bank row
+};
+
+// Exact sigma of pairs (query row r0 + i, bank row j), pushed into the top-k.
+template <int DT, bool DIFF>
+void eval_pairs(const Problem& P, int64_t r0, const Pending* pr, int64_t n, TopK& top, int64_t& evals) {
+  constexpr int NP = 8;
+  for (int64_t s = 0; s < n; s += NP) {
+    const int np = static_cast<int>(std::min<int64_t>(NP, n - s));
+    const void* qp[NP];
+    float qs[NP];
+    const void* bp[NP];
+    for (int p = 0; p < NP; ++p) {
+      const Pending& x = pr[s + std::min(p, np - 1)];
+      qp[p] = row_ptr(P.q, DT, r0 + x.i, P.C);
+      qs[p] = P.qinv[r0 + x.i];
+      bp[p] = row_ptr(P.b, DT, x.j, P.C);
     }
+    float r[NP];
+    if (P.metric == kNNCosine) pairs_dot<NP, DIFF, DT, true>(qp, qs, bp, P.C, r);
+    else pairs_dot<NP, DIFF, DT, false>(qp, qs, bp, P.C, r);
+    for (int p = 0; p < np; ++p) top.push(pr[s + p].i, P.sigma(r[p], pr[s + p].j), pr[s + p].j);
   }
+  evals += n;
 }
 
-// Rows [0, rows) of qbuf (row stride qs; problem rows r0...) against bank rows [m0, m1)
-// packed by pack_fp32; their top-k rows are t0, t0 + 1, ...
-// With `tile` (exact modes), sigma of (top row t, bank row j) goes to
-// tile[t * tstride + j - tbase] (NaN where ineligible) instead of the top-k.
+// Re-rank the candidates a bank block left: first the best bound of every row, which
+// usually lifts T above all the others, then those of the rest that still reach T.
+// `by_row` and `start` are scratch (a counting sort by row).
+template <int DT, bool DIFF>
+void rerank_rows(const Problem& P, int64_t r0, int64_t rows, std::vector<Pending>& pend, std::vector<Pending>& by_row,
+                 std::vector<int32_t>& start, std::vector<Pending>& wave, TopK& top, int64_t& evals) {
+  const int64_t n = static_cast<int64_t>(pend.size());
+  if (n == 0) return;
+  start.assign(static_cast<size_t>(rows + 1), 0);
+  for (const Pending& x : pend) ++start[x.i + 1];
+  for (int64_t i = 0; i < rows; ++i) start[i + 1] += start[i];
+  by_row.resize(static_cast<size_t>(n));
+  for (const Pending& x : pend) by_row[start[x.i]++] = x;  // start[i] ends at row i's end
+  wave.clear();
+  for (int64_t i = 0, a = 0; i < rows; a = start[i++]) {
+    if (a == start[i]) continue;
+    int64_t best = a;
+    for (int64_t t = a + 1; t < start[i]; ++t)
+      if (by_row[t].u > by_row[best].u || (by_row[t].u == by_row[best].u && by_row[t].j < by_row[best].j)) best = t;
+    std::swap(by_row[a], by_row[best]);
+    wave.push_back(by_row[a]);
+  }
+  eval_pairs<DT, DIFF>(P, r0, wave.data(), static_cast<int64_t>(wave.size()), top, evals);
+  wave.clear();
+  for (int64_t i = 0, a = 0; i < rows; a = start[i++])
+    for (int64_t t = a + 1; t < start[i]; ++t)
+      if (by_row[t].u >= top.bound(i)) wave.push_back(by_row[t]);
+  eval_pairs<DT, DIFF>(P, r0, wave.data(), static_cast<int64_t>(wave.size()), top, evals);
+  pend.clear();
+}
+
+// Scratch of one fp32 task.
+struct Fp32Scratch {
+  std::vector<float> qbuf, qpanels, bpanels, kbuf, tile;
+  std::vector<Pending> pend, by_row, wave;
+  std::vector<int32_t> start;
+};
+
+// Query rows packed at qpanels (problem rows r0 + i, top rows t0 + i, i < rows)
+// against bank rows [m0, m1) packed in bpanels. Exact modes push sigma (or write it to
+// the tile, NaN where ineligible); the Gram mode queues the pairs whose bound reaches
+// T for rerank_rows.
 template <int DT, int MODE>
-void fp32_block(const Problem& P, const float* qbuf, int64_t qs, int64_t r0, int64_t rows, const float* packed,
-                int64_t m0, int64_t m1, TopK& top, int64_t t0, TaskCounters& cnt, float* tile, int64_t tstride,
-                int64_t tbase) {
-  constexpr int MR = 3, NR = 4;
+void fp32_block(const Problem& P, const float* qpanels, int64_t r0, int64_t rows, int64_t t0, int64_t m0,
+                int64_t m1, TopK& top, Fp32Scratch& sc, float* tile, int64_t tstride, int64_t tbase) {
   constexpr bool DIFF = MODE == kDirectDiff;
   const int64_t C = P.C, C8 = P.C8;
   const int64_t nk = (C + kKc - 1) / kKc;
-  const int64_t kc = round_up((C + nk - 1) / nk, 8);
-  const int64_t nmb = (rows + MR - 1) / MR;
-  std::vector<float> kbuf(nk > 1 ? static_cast<size_t>(nmb * MR * NR * 8) : 0);
-  Cand cands[NR];
-  for (int64_t m = m0; m < m1; m += NR) {
-    const int nb = static_cast<int>(std::min<int64_t>(NR, m1 - m));
-    const float* panel = packed + (m - m0) * C8;
-    const void* bp[NR];
-    for (int j = 0; j < NR; ++j) bp[j] = panel + 8 * j;
+  const int64_t kc = (C + nk - 1) / nk;
+  const int64_t nmb = (rows + kMR - 1) / kMR;
+  sc.kbuf.resize(static_cast<size_t>(nmb * kMR * kNR));
+  const float* binv = P.metric == kNNCosine ? P.binv.data() : nullptr;
+  const float s_out = static_cast<float>(P.metric == kNNL2 ? -P.sgn : P.sgn);
+  for (int64_t m = m0; m < m1; m += kNR) {
+    const int nb = static_cast<int>(std::min<int64_t>(kNR, m1 - m));
+    const float* B = sc.bpanels.data() + (m - m0) * C8;
     for (int64_t c0 = 0; c0 < C; c0 += kc) {
       const int64_t c1 = std::min(C, c0 + kc);
       for (int64_t mb = 0; mb < nmb; ++mb) {
-        const int64_t i0 = mb * MR;
-        const float* qp[MR];
-        for (int i = 0; i < MR; ++i) qp[i] = qbuf + std::min(i0 + i, rows - 1) * qs;
-        Acc acc[MR][NR];
-        float* kb = kbuf.data() + mb * MR * NR * 8;
-        for (int i = 0; i < MR; ++i)
-          for (int j = 0; j < NR; ++j) acc[i][j] = c0 == 0 ? acc_zero() : acc_load(kb + (i * NR + j) * 8);
-        kernel<MR, NR, DIFF, kF32, 32>(qp, bp, c0, c1, acc);
-        if (c1 < C) {
-          for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < NR; ++j) acc_store(kb + (i * NR + j) * 8, acc[i][j]);
-          continue;
-        }
-        const int mr = static_cast<int>(std::min<int64_t>(MR, rows - i0));
+        float* acc = sc.kbuf.data() + mb * kMR * kNR;
+        if (c0 == 0) std::fill(acc, acc + kMR * kNR, 0.0f);
+        gemm_tile<DIFF>(qpanels + mb * 8 * C8 + 8 * c0, B + 16 * c0, c1 - c0, acc);
+        if (c1 < C) continue;
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - mb * kMR));
         for (int i = 0; i < mr; ++i) {
-          const int64_t r = r0 + i0 + i, tr = t0 + i0 + i;
-          if constexpr (MODE == kGram) {
-            const float h = 2.0f * static_cast<float>(P.sgn), al = P.galpha[r], e = P.ge[r];
-            int nc = 0;
-            for (int j = 0; j < nb; ++j) {
-              const int64_t jj = m + j;
-              const float u = (h * reduce(acc[i][j]) + (al * P.gP[jj] + P.gc[jj])) + e;
-              if (u >= top.bound(tr) && P.eligible(r, jj)) cands[nc++] = Cand{u, static_cast<int32_t>(jj)};
-            }
-            if (nc) {
-              sort_cands(cands, nc);
-              rerank<DT, true>(P, qbuf + (i0 + i) * qs, cands, nc, top, tr, cnt.evals);
-            }
-#if NN_AVX2
-          } else if (!P.qg && nb == NR) {
-            // sigma of the row's four pairs in one vector
-            __m128 v = reduce4(acc[i]);
-            if (P.metric == kNNCosine) v = _mm_mul_ps(v, _mm_loadu_ps(P.binv.data() + m));
-            v = _mm_mul_ps(v, _mm_set1_ps(static_cast<float>(P.metric == kNNL2 ? -P.sgn : P.sgn)));
-            if (tile) {
-              _mm_storeu_ps(tile + tr * tstride + (m - tbase), v);
-            } else {
-              int bits = _mm_movemask_ps(_mm_cmpge_ps(v, _mm_set1_ps(top.bound(tr))));
-              if (bits) {
-                alignas(16) float sv[4];
-                _mm_store_ps(sv, v);
-                for (; bits; bits &= bits - 1) {
-                  const int j = __builtin_ctz(static_cast<unsigned>(bits));
-                  top.push(tr, sv[j], static_cast<int32_t>(m + j));
-                }
-              }
-            }
-#endif
-          } else if (tile) {
-            float* tr_row = tile + tr * tstride - tbase;
-            for (int j = 0; j < nb; ++j) {
-              const int64_t jj = m + j;
-              tr_row[jj] = P.eligible(r, jj) ? P.sigma(reduce(acc[i][j]), jj) : std::numeric_limits<float>::quiet_NaN();
-            }
+          const int64_t ti = mb * kMR + i, r = r0 + ti, tr = t0 + ti;
+          const float* a = acc + kNR * i;
+          alignas(32) float v[kNR];
+          if constexpr (MODE == kScreen) {
+            // U = h (g D) + (alpha P + c) + e >= sigma, see the top of the file
+            const float al = P.galpha[r], e = P.ge[r];
+            for (int l = 0; l < kNR; ++l) v[l] = (P.sh * (P.gg[m + l] * a[l]) + (al * P.gP[m + l] + P.gc[m + l])) + e;
+            const float th = top.bound(tr);
+            for (int l = 0; l < nb; ++l)
+              if (v[l] >= th && P.eligible(r, m + l))
+                sc.pend.push_back(Pending{static_cast<int32_t>(tr), v[l], static_cast<int32_t>(m + l)});
+            continue;
+          }
+          // sigma = sgn (cos: raw * inv|b|; l2: -raw; ip: raw), as Problem::sigma
+          if (binv) {
+            for (int l = 0; l < kNR; ++l) v[l] = s_out * (a[l] * binv[m + l]);
           } else {
-            for (int j = 0; j < nb; ++j) {
-              const int64_t jj = m + j;
-              const float s = P.sigma(reduce(acc[i][j]), jj);
-              if (s >= top.bound(tr) && P.eligible(r, jj)) top.push(tr, s, static_cast<int32_t>(jj));
-            }
+            for (int l = 0; l < kNR; ++l) v[l] = s_out * a[l];
+          }
+          if (tile) {
+            float* row = tile + tr * tstride + (m - tbase);
+            for (int l = 0; l < nb; ++l) row[l] = P.eligible(r, m + l) ? v[l] : std::numeric_limits<float>::quiet_NaN();
+            continue;
+          }
+          const float th = top.bound(tr);
+          unsigned bits = 0;
+          for (int l = 0; l < kNR; ++l) bits |= static_cast<unsigned>(v[l] >= th) << l;
+          bits &= (1u << nb) - 1;
+          for (; bits; bits &= bits - 1) {
+            const int l = __builtin_ctz(bits);
+            if (P.eligible(r, m + l)) top.push(tr, v[l], static_cast<int32_t>(m + l));
           }
         }
       }
@@ -775,30 +756,43 @@ void fp32_block(const Problem& P, const float* qbuf, int64_t qs, int64_t r0, int
 }
 
 // Query rows [r0, r0 + rows) (top rows 0...) against bank rows [m0, m1): bank blocks,
-// packed once, stay in L3 while chunks of query rows that stay in L2 pass over them,
-// so the bank is read from memory once per task. The query buffer's row stride is
-// padded off 4 KiB multiples (rows would alias in L1).
+// packed once, stay in L3 while slices of the (packed once) query rows pass over
+// them; inside, a 16-row bank panel (one k-slice of at most kKc channels) stays in L1
+// while the slice's 6-row query panels stream from L2. The bank is read from memory
+// once per task.
 template <int DT>
 void run_fp32(const Problem& P, int mode, int64_t r0, int64_t rows, int64_t m0, int64_t m1, TopK& top,
               TaskCounters& cnt) {
-  const int64_t qs = P.C8 + 16;
+  Fp32Scratch sc;
+  const int64_t C8 = P.C8, qs = C8;
   const int64_t nsub = (rows + kFp32Chunk - 1) / kFp32Chunk;
-  const int64_t sub = round_up((rows + nsub - 1) / nsub, 3);
-  std::vector<float> qbuf(static_cast<size_t>(std::min(rows, sub) * qs));
-  std::vector<float> packed(static_cast<size_t>(std::min(round_up(m1 - m0, 4), kFp32Block) * P.C8));
-  const bool use_tile = P.tile_select && mode != kGram;
-  std::vector<float> tile(use_tile ? static_cast<size_t>(rows * (m1 - m0)) : 0);
-  float* tp = use_tile ? tile.data() : nullptr;
+  const int64_t sub = round_up((rows + nsub - 1) / nsub, kMR);
+  sc.qbuf.resize(static_cast<size_t>(std::min(rows, sub) * qs));
+  sc.qpanels.resize(static_cast<size_t>((rows + kMR - 1) / kMR * 8 * C8));
+  for (int64_t i0 = 0; i0 < rows; i0 += sub) {
+    const int64_t n = std::min(sub, rows - i0);
+    fill_query<DT>(P, r0 + i0, n, sc.qbuf.data(), qs);
+    pack_query(sc.qbuf.data(), qs, n, C8, sc.qpanels.data() + i0 / kMR * 8 * C8);
+  }
+  sc.bpanels.resize(static_cast<size_t>(std::min(round_up(m1 - m0, kNR), kFp32Block) * C8));
+  const bool use_tile = P.tile_select && mode != kScreen;
+  sc.tile.resize(use_tile ? static_cast<size_t>(rows * (m1 - m0)) : 0);
+  float* tp = use_tile ? sc.tile.data() : nullptr;
   for (int64_t bb = m0; bb < m1; bb += kFp32Block) {
     const int64_t be = std::min(m1, bb + kFp32Block);
-    pack_fp32<DT>(P, bb, be, packed.data());
+    pack_bank<DT>(P.b, P.C, C8, bb, be, sc.bpanels.data());
     for (int64_t i0 = 0; i0 < rows; i0 += sub) {
       const int64_t n = std::min(sub, rows - i0);
-      fill_query<DT>(P, r0 + i0, n, qbuf.data(), qs);
-      const float* qb = qbuf.data();
-      if (mode == kExactDot) fp32_block<DT, kExactDot>(P, qb, qs, r0 + i0, n, packed.data(), bb, be, top, i0, cnt, tp, m1 - m0, m0);
-      else if (mode == kGram) fp32_block<DT, kGram>(P, qb, qs, r0 + i0, n, packed.data(), bb, be, top, i0, cnt, nullptr, 0, 0);
-      else fp32_block<DT, kDirectDiff>(P, qb, qs, r0 + i0, n, packed.data(), bb, be, top, i0, cnt, tp, m1 - m0, m0);
+      const float* qp = sc.qpanels.data() + i0 / kMR * 8 * C8;
+      if (mode == kExactDot) {
+        fp32_block<DT, kExactDot>(P, qp, r0 + i0, n, i0, bb, be, top, sc, tp, m1 - m0, m0);
+      } else if (mode == kDirectDiff) {
+        fp32_block<DT, kDirectDiff>(P, qp, r0 + i0, n, i0, bb, be, top, sc, tp, m1 - m0, m0);
+      } else {
+        fp32_block<DT, kScreen>(P, qp, r0 + i0, n, i0, bb, be, top, sc, nullptr, 0, 0);
+        if (P.l2()) rerank_rows<DT, true>(P, r0, rows, sc.pend, sc.by_row, sc.start, sc.wave, top, cnt.evals);
+        else rerank_rows<DT, false>(P, r0, rows, sc.pend, sc.by_row, sc.start, sc.wave, top, cnt.evals);
+      }
     }
   }
   if (!use_tile) return;
@@ -1010,12 +1004,6 @@ inline void kernel_i8(const uint8_t* const* q, const int8_t* panel, int64_t G2, 
 }
 #endif
 
-struct Pending {
-  int32_t i;  // query row of the task
-  float u;    // upper bound of sigma
-  int32_t j;  // bank row
-};
-
 // Query rows of an int8 task, quantised once and shared by the tasks that split the bank.
 struct QueryPrep {
   int64_t r0 = 0, rows = 0;
@@ -1041,60 +1029,6 @@ void prep_rows(const Problem& P, QueryPrep& qp, int64_t i0, int64_t i1) {
     t.e = l2 ? static_cast<float>(gam * nq * nq * infl - P.sgn * static_cast<double>(P.qn2[r])) : 0.0f;
     t.grp = P.qg ? P.qg[r] : 0;
   }
-}
-
-// Exact sigma of pairs (query row i, bank row j), eight chains per kernel call.
-template <int DT, bool DIFF>
-void eval_pairs(const Problem& P, int64_t r0, const Pending* pr, int64_t n, TopK& top, int64_t& evals) {
-  constexpr int NP = 8;
-  for (int64_t s = 0; s < n; s += NP) {
-    const int np = static_cast<int>(std::min<int64_t>(NP, n - s));
-    const void* qp[NP];
-    float qs[NP];
-    const void* bp[NP];
-    for (int p = 0; p < NP; ++p) {
-      const Pending& x = pr[s + std::min(p, np - 1)];
-      qp[p] = row_ptr(P.q, DT, r0 + x.i, P.C);
-      qs[p] = P.qinv[r0 + x.i];
-      bp[p] = row_ptr(P.b, DT, x.j, P.C);
-    }
-    float r[NP];
-    if (P.metric == kNNCosine) kernel_pairs<NP, DIFF, DT, true>(qp, qs, bp, P.C, r);
-    else kernel_pairs<NP, DIFF, DT, false>(qp, qs, bp, P.C, r);
-    for (int p = 0; p < np; ++p) top.push(pr[s + p].i, P.sigma(r[p], pr[s + p].j), pr[s + p].j);
-  }
-  evals += n;
-}
-
-// Re-rank the candidates one bank block left: first the best bound of every row,
-// which usually lifts T above all the others, then those of the rest that still
-// reach T. `by_row` and `start` are scratch (a counting sort by row).
-template <int DT, bool DIFF>
-void rerank_rows(const Problem& P, int64_t r0, int64_t rows, std::vector<Pending>& pend, std::vector<Pending>& by_row,
-                 std::vector<int32_t>& start, std::vector<Pending>& wave, TopK& top, int64_t& evals) {
-  const int64_t n = static_cast<int64_t>(pend.size());
-  if (n == 0) return;
-  start.assign(static_cast<size_t>(rows + 1), 0);
-  for (const Pending& x : pend) ++start[x.i + 1];
-  for (int64_t i = 0; i < rows; ++i) start[i + 1] += start[i];
-  by_row.resize(static_cast<size_t>(n));
-  for (const Pending& x : pend) by_row[start[x.i]++] = x;  // start[i] ends at row i's end
-  wave.clear();
-  for (int64_t i = 0, a = 0; i < rows; a = start[i++]) {
-    if (a == start[i]) continue;
-    int64_t best = a;
-    for (int64_t t = a + 1; t < start[i]; ++t)
-      if (by_row[t].u > by_row[best].u || (by_row[t].u == by_row[best].u && by_row[t].j < by_row[best].j)) best = t;
-    std::swap(by_row[a], by_row[best]);
-    wave.push_back(by_row[a]);
-  }
-  eval_pairs<DT, DIFF>(P, r0, wave.data(), static_cast<int64_t>(wave.size()), top, evals);
-  wave.clear();
-  for (int64_t i = 0, a = 0; i < rows; a = start[i++])
-    for (int64_t t = a + 1; t < start[i]; ++t)
-      if (by_row[t].u >= top.bound(i)) wave.push_back(by_row[t]);
-  eval_pairs<DT, DIFF>(P, r0, wave.data(), static_cast<int64_t>(wave.size()), top, evals);
-  pend.clear();
 }
 
 // int8 screen of the prepared query rows (top rows 0...) against bank rows [m0, m1).
@@ -1266,12 +1200,12 @@ template <int DT>
 void run_problem(Problem& P, int requested_path, int nthreads, NNStats& st) {
   const int path = choose_path(P, requested_path);
   st.path = path;
+  // fp32 path: cosine / ip exact, l2 screened (direct when k is large); the int8
+  // path falls back to the screened fp32 kernel (its values come from the same
+  // re-rank sums as the int8 screen's)
   int fp32_mode = kExactDot;
-  if (P.l2()) {
-    const double k = static_cast<double>(P.k), M = static_cast<double>(P.M);
-    const bool gram = path == kNNFp32 || (path == kNNInt8 && k * (1 + std::log(M / k)) * 16 <= M);
-    fp32_mode = gram ? kGram : kDirectDiff;
-  }
+  if (path == kNNInt8 || (path == kNNFp32 && P.l2())) fp32_mode = kScreen;
+  if (path == kNNL2Direct) fp32_mode = kDirectDiff;
   const int64_t NQ = P.NQ, M = P.M;
   if (NQ == 0) return;
   if (static_cast<double>(NQ) * static_cast<double>(M) * static_cast<double>(P.C) < 0x1p22) nthreads = 1;
@@ -1299,16 +1233,17 @@ void run_problem(Problem& P, int requested_path, int nthreads, NNStats& st) {
   // One pass over the rows: norms (and the range check), the l2 Gram screen terms and,
   // when the bank is split, the int8 query rows shared by the splits (else each task
   // quantises its own).
-  P.binv.resize(static_cast<size_t>(M));
+  P.binv.resize(static_cast<size_t>(M + kNR));  // padded: the fp32 micro-tile reads 16 at a time
   P.bn2.resize(static_cast<size_t>(M));
   P.bnorm.resize(static_cast<size_t>(M));
   P.qinv.resize(static_cast<size_t>(NQ));
   P.qn2.resize(static_cast<size_t>(NQ));
   P.qnorm.resize(static_cast<size_t>(NQ));
-  const bool gram = fp32_mode == kGram;
-  if (gram) {
-    P.gP.resize(static_cast<size_t>(M));
-    P.gc.resize(static_cast<size_t>(M));
+  const bool screen = fp32_mode == kScreen;
+  if (screen) {
+    P.gg.resize(static_cast<size_t>(M + kNR));
+    P.gP.resize(static_cast<size_t>(M + kNR));
+    P.gc.resize(static_cast<size_t>(M + kNR));
     P.galpha.resize(static_cast<size_t>(NQ));
     P.ge.resize(static_cast<size_t>(NQ));
   }
@@ -1319,8 +1254,10 @@ void run_problem(Problem& P, int requested_path, int nthreads, NNStats& st) {
     preps[c].qu.resize(static_cast<size_t>(preps[c].rows * P.C8));
     preps[c].qt.resize(static_cast<size_t>(preps[c].rows));
   }
-  // U = 2 sgn D + (alpha P + c) + e >= sigma for the Gram screen, see the top of the file
-  const double g = P.gamma, kappa = 4 * g, infl = 1 + 0x1p-18;
+  // fp32 screen: U = h (g D) + (alpha P + c) + e >= sigma, see the top of the file
+  const double g = P.gamma, kappa = (P.l2() ? 4 : 3) * g, infl = 1 + 0x1p-18;
+  const bool cosine = P.metric == kNNCosine;
+  P.sh = static_cast<float>(P.l2() ? 2 * P.sgn : P.sgn);
   const int64_t nbb = (M + 255) / 256, per_chunk = (R + 63) / 64, nqb = nchunk * per_chunk;
   std::atomic<bool> in_range{true};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
@@ -1328,10 +1265,12 @@ void run_problem(Problem& P, int requested_path, int nthreads, NNStats& st) {
     if (t < nbb) {
       const int64_t r0 = t * 256, r1 = std::min(M, r0 + 256);
       if (!row_norms(P.b, DT, r0, r1, P.C, P.binv.data(), P.bn2.data(), P.bnorm.data())) in_range.store(false);
-      for (int64_t j = r0; gram && j < r1; ++j) {
-        const double nb = P.bnorm[j];
+      for (int64_t j = r0; screen && j < r1; ++j) {
+        // cosine screens dot(q^, b) * inv|b|, whose canonical value involves |b| inv|b| <= 1
+        const double nb = cosine ? up(P.bnorm[j] * static_cast<double>(P.binv[j]) * infl) : P.bnorm[j];
+        P.gg[j] = cosine ? P.binv[j] : 1.0f;
         P.gP[j] = up(kappa * nb * infl);
-        P.gc[j] = static_cast<float>(g * nb * nb * infl - P.sgn * static_cast<double>(P.bn2[j]));
+        P.gc[j] = P.l2() ? static_cast<float>(g * nb * nb * infl - P.sgn * static_cast<double>(P.bn2[j])) : 0.0f;
       }
       continue;
     }
@@ -1339,10 +1278,10 @@ void run_problem(Problem& P, int requested_path, int nthreads, NNStats& st) {
     const int64_t r0 = chunk * R + i0, r1 = std::min({NQ, chunk * R + R, r0 + 64});
     if (r0 >= r1) continue;
     if (!row_norms(P.q, DT, r0, r1, P.C, P.qinv.data(), P.qn2.data(), P.qnorm.data())) in_range.store(false);
-    for (int64_t r = r0; gram && r < r1; ++r) {
-      const double nq = P.qnorm[r];
-      P.galpha[r] = P.qnorm[r];
-      P.ge[r] = static_cast<float>(g * nq * nq * infl - P.sgn * static_cast<double>(P.qn2[r]));
+    for (int64_t r = r0; screen && r < r1; ++r) {
+      const double nq = cosine ? up(P.qnorm[r] * static_cast<double>(P.qinv[r]) * infl) : P.qnorm[r];
+      P.galpha[r] = static_cast<float>(nq);
+      P.ge[r] = P.l2() ? static_cast<float>(g * nq * nq * infl - P.sgn * static_cast<double>(P.qn2[r])) : 0.0f;
     }
     if (!preps.empty()) prep_rows<DT>(P, preps[chunk], i0, r1 - chunk * R);
   }
