@@ -275,11 +275,12 @@ def nn_distance(query: torch.Tensor, bank: torch.Tensor, k: int = 1, metric: str
     Non-contiguous inputs are copied. NaN or infinite inputs raise ValueError.
 
     Peak memory: the outputs plus, per backend, reference: a 32 MiB float64 block and its
-    sort; cpu: per thread a query chunk and a bank block as float32 or int8 (about 3 MiB at
-    C = 1,024) with k + max(k/2, 16) candidates of 8 bytes per row of the chunk (at most
-    1 MiB; a 4 MiB tile of values instead when k is a large part of M), plus 20 bytes per
-    query and bank row, whatever N x M is (csrc/cpu/nn_distance_kernel.cpp); triton: tiles
-    of the bank and k candidates per query row (see the kernels).
+    sort; cpu: per thread the query rows of its task (up to 1,026: 1 KiB each as int8 or
+    5.3 KiB packed as float32, at C = 1,024), a packed bank block (up to 2 MiB) and
+    k + max(k/2, 16) candidates of 8 bytes per query row (at most 1 MiB; a 4 MiB tile of
+    values instead when k is a large part of M), plus 28 bytes per query and bank row,
+    whatever N x M is (csrc/cpu/nn_distance_kernel.cpp); triton: tiles of the bank and k
+    candidates per query row (see the kernels).
     """
     op = "nn_distance"
     check_tensor(op, "query", query, ndim=(2, 3), dtypes=FLOAT_DTYPES + (torch.float64,))
