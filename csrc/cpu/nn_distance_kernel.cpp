@@ -107,7 +107,7 @@ constexpr int64_t kFp32Chunk = 66;       // query rows that stay in L2 (fp32 pat
 constexpr int64_t kFp32Block = 512;      // bank rows that stay in L3 (fp32 path)
 constexpr int64_t kPanel = 24;           // bank rows per int8 panel
 constexpr int64_t kInt8Block = 96;       // bank rows quantised together
-constexpr int64_t kKc = 1024;            // channels per k-slice of the fp32 kernel
+constexpr int64_t kKc = 256;             // channels per k-slice: a 16-row bank panel slice is 16 KiB (L1)
 
 enum ElemType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
