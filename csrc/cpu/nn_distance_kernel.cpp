@@ -483,7 +483,6 @@ struct TopK {
 struct Problem {
   const void* q = nullptr;
   const void* b = nullptr;
-  int dt = kF32;
   int64_t NQ = 0, M = 0, C = 0, C8 = 0, k = 1;
   int metric = kNNCosine;
   int sgn = 1;  // sigma = sgn * (cos | -d^2 | q.b)
@@ -1373,7 +1372,6 @@ void run_all(const NNArgs& a, NNStats& st) {
     Problem P;
     P.q = row_ptr(a.query, DT, p * NQ, a.C);
     P.b = row_ptr(a.bank, DT, shared ? 0 : p * a.M, a.C);
-    P.dt = DT;
     P.NQ = NQ;
     P.M = a.M;
     P.C = a.C;
