@@ -138,12 +138,48 @@ def _triton_impl(q: torch.Tensor, b: torch.Tensor, k: int, metric: str, scale: f
     return nn_distance_triton(q, b, k, metric, scale, reduce, qg, bg, group_match, need_indices)
 
 
+_CPU_CODES = {"cosine": 0, "l2": 1, "ip": 2, "topk": 0, "mean_largest": 1, "mean_smallest": 2}
+_CPU_PATHS = {"auto": 0, "fp32": 1, "int8": 2, "l2_direct": 3}
+
+
+def _cpu_call(q: torch.Tensor, b: torch.Tensor, k: int, metric: str, scale: float, reduce: str,
+              qg: torch.Tensor | None, bg: torch.Tensor | None, group_match: str, need_indices: bool,
+              path: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """The C++ kernel with a chosen algorithm (``path``: auto, fp32, int8, l2_direct;
+    all exact) and its statistics; status "out_of_range" means nothing was computed."""
+    from fastad import _ext
+
+    B, N, _ = q.shape
+    values = torch.empty((B, N, k) if reduce == "topk" else (B, N), dtype=torch.float32)
+    indices = torch.empty((B, N, k), dtype=torch.int64) if reduce == "topk" or need_indices else None
+    qga = bga = None
+    if qg is not None:  # the kernel only compares labels: make them dense int32
+        inv = torch.unique(torch.cat([qg.reshape(-1), bg.reshape(-1)]), return_inverse=True)[1].to(torch.int32)
+        qga = _ext.as_array(inv[:qg.numel()].reshape(qg.shape))
+        bga = _ext.as_array(inv[qg.numel():].reshape(bg.shape))
+    stats = _ext._C.nn_distance(_ext.as_array(q), _ext.as_array(b), _ext.dtype_code(q), k, _CPU_CODES[metric],
+                                _CPU_CODES[reduce], float(scale), qga, bga, group_match == "same",
+                                _ext.as_array(values), None if indices is None else _ext.as_array(indices),
+                                _CPU_PATHS[path], _ext.num_threads())
+    return values, indices, stats
+
+
+def _cpu_impl(q: torch.Tensor, b: torch.Tensor, k: int, metric: str, scale: float, reduce: str,
+              qg: torch.Tensor | None, bg: torch.Tensor | None, group_match: str,
+              need_indices: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    values, indices, stats = _cpu_call(q, b, k, metric, scale, reduce, qg, bg, group_match, need_indices)
+    if stats["status"] != "ok":  # a row norm beyond the float32 range the kernel is exact for
+        return _reference_impl(q, b, k, metric, scale, reduce, qg, bg, group_match, need_indices)
+    return values, indices
+
+
 # Backend implementations, all with the signature of _reference_impl: q [B, N, C] and
 # b [1 or B, M, C] contiguous, groups int64 [B, N] / [1 or B, M] or None; they return
 # float values ([B, N, k] or [B, N]) and int64 indices [B, N, k] (None allowed for the
 # mean modes when need_indices is False).
 _IMPLS = {"reference": _reference_impl}
 _IMPLS["triton"] = _triton_impl
+_IMPLS["cpu"] = _cpu_impl
 BACKENDS = tuple(_IMPLS)
 
 
@@ -248,7 +284,12 @@ def nn_distance(query: torch.Tensor, bank: torch.Tensor, k: int = 1, metric: str
     Non-contiguous inputs are copied. NaN or infinite inputs raise ValueError.
 
     Peak memory: the outputs plus, per backend, reference: a 32 MiB float64 block and its
-    sort; cpu / triton: tiles of the bank and k candidates per query row (see the kernels).
+    sort; cpu: per thread the query rows of its task (up to 1,026: 1 KiB each as int8 or
+    5.3 KiB packed as float32, at C = 1,024), a packed bank block (up to 2 MiB) and
+    k + max(k/2, 16) candidates of 8 bytes per query row (at most 1 MiB; a 4 MiB tile of
+    values instead when k is a large part of M), plus 28 bytes per query and bank row,
+    whatever N x M is (csrc/cpu/nn_distance_kernel.cpp); triton: tiles of the bank and k
+    candidates per query row (see the kernels).
     """
     op = "nn_distance"
     check_tensor(op, "query", query, ndim=(2, 3), dtypes=FLOAT_DTYPES + (torch.float64,))
