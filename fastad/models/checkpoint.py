@@ -58,6 +58,7 @@ def load_mapped_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor],
     own = module.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
+    seen: set[str] = set()
     for key, value in state.items():
         new = rename(key)
         if new is None:
@@ -65,11 +66,12 @@ def load_mapped_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor],
         if new not in own:
             unexpected.append(key if new == key else f"{key} (-> {new})")
             continue
+        seen.add(new)
         if tuple(value.shape) != tuple(own[new].shape):
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {new} {tuple(own[new].shape)}")
             continue
         mapped[new] = value
-    missing = [k for k in own if k not in mapped and not optional(k)]
+    missing = [k for k in own if k not in seen and not optional(k)]
     if missing or unexpected or mismatched:
         raise CheckpointKeyError(what, missing, unexpected, mismatched)
     module.load_state_dict(mapped, strict=False)
