@@ -113,7 +113,7 @@ def authors_test_forward(model: DictAS, q_img: torch.Tensor, ref_imgs: torch.Ten
 
 
 @pytest.mark.parametrize("shape,sigma", [((336, 336), 6.0), ((3, 24, 24), 6.0), ((2, 5, 7), 4.0),
-                                         ((37, 41), 1.3), ((1, 1), 2.0), ((2, 1, 9, 9), 0.7)])
+                                         ((37, 41), 1.3), ((1, 1), 2.0), ((2, 1, 9, 9), 0.7), ((1030, 3), 2.0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gaussian_blur_matches_scipy(shape, sigma, dtype):
     from scipy.ndimage import gaussian_filter
@@ -286,6 +286,17 @@ def test_set_references_encodes_the_prompt_ensemble_when_no_text_is_given():
     model = make_model()
     refs = model.set_references(images(1, 62), category="metal_nut")
     torch.testing.assert_close(refs.text, model.backbone.text_prototypes(*dictas_prompts("metal_nut")))
+
+
+def test_preprocess_squashes_to_the_model_size():
+    from PIL import Image
+
+    model = make_model()
+    pixels = torch.zeros(80, 120, 3, dtype=torch.uint8)
+    pixels[:, :10] = 255  # a white left border: cropped away by a shorter-side resize + centre crop
+    x = model.preprocess()(Image.fromarray(pixels.numpy()))
+    assert x.shape == (3, 64, 64)
+    assert x[:, :, 0].mean() > 1.0 and x[:, :, -1].mean() < -1.0
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -256,6 +256,8 @@ def test_bad_inputs_raise_clear_errors():
         model.set_references(torch.randn(3, 64, 64), category="x", text_features=text_protos(48))
     with pytest.raises(ValueError, match="text_features must be"):
         model.set_references(images(1, 0), category="x", text_features=torch.randn(3, 48))
+    with pytest.raises(ValueError, match=r"text_features must be \[2, 48\] \(normal"):
+        model.set_references(images(1, 0), category="x", text_features=torch.randn(1, 2, 48))
     with pytest.raises(ValueError, match="multiple of the patch size"):
         model.encode(torch.randn(1, 3, 60, 60))
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -265,6 +267,17 @@ def test_bad_inputs_raise_clear_errors():
     model.set_references(images(1, 0), category="x", text_features=text_protos(48))
     with pytest.raises(ValueError, match="grid"):
         model(torch.randn(1, 3, 48, 48))
+
+
+def test_preprocess_resizes_the_shorter_side_and_centre_crops():
+    from PIL import Image
+
+    model = make_model("v1")
+    img = Image.fromarray((torch.rand(80, 120, 3) * 255).byte().numpy())
+    x = model.preprocess()(img)
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    with torch.no_grad():
+        assert model.encode(x[None]).grid == (8, 8)
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -45,6 +45,17 @@ class FewShotCLIPModel(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.clip.visual.conv1.weight.device
 
+    resize_mode = "shortest"
+
+    def preprocess(self):
+        """PIL image -> normalised [3, S, S] tensor for this model (open_clip's eval
+        transform: bicubic resize, centre crop, OpenAI CLIP mean / std)."""
+        import open_clip
+
+        return open_clip.image_transform(self.backbone.image_size, is_train=False,
+                                         mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD,
+                                         resize_mode=self.resize_mode)
+
     def encode(self, images: torch.Tensor) -> ImageFeatures:
         """Backbone pass: CLS embeddings and patch tokens of the configured layers."""
         return self.backbone.encode_image(images.to(self.device), self.layers)
@@ -64,6 +75,15 @@ class FewShotCLIPModel(nn.Module):
             return feats.to(self.device)
         with torch.no_grad():
             return self.encode(images_or_features)
+
+    def _check_text(self, text: torch.Tensor, batched: bool = True) -> torch.Tensor:
+        """[2, D] (normal, anomalous) text prototypes, or [B, 2, D] per image when ``batched``."""
+        dim = self.backbone.embed_dim
+        if not isinstance(text, torch.Tensor) or text.shape[-2:] != (2, dim) or text.dim() > (3 if batched else 2):
+            want = f"[2, {dim}]" + (f" or [B, 2, {dim}]" if batched else "")
+            raise ValueError(f"fastad.models.{type(self).__name__}: text_features must be {want} (normal, "
+                             f"anomalous), got {tuple(getattr(text, 'shape', ()))}")
+        return text.detach().float().to(self.device)
 
     def _category(self, category: str | None) -> str:
         category = category if category is not None else self.active_category

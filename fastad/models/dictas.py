@@ -51,7 +51,7 @@ from fastad.models.clip_backbone import POS_EMBED_RESIZE, CLIPBackbone, ImageFea
 from fastad.models.postprocess import gaussian_blur, upsample_maps
 
 __all__ = ["DictASConfig", "DictAS", "DictASReferences", "dictas_prompts", "sparsemax_sort", "dictionary_lookup",
-           "category_scores"]
+           "category_scores", "pixel_map"]
 
 # xiaozhen228/DictAS models/prompt_ensemble.py (the APRIL-GAN ensemble)
 _NORMAL_STATES = ["{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
@@ -286,6 +286,22 @@ def category_scores(text_probs: torch.Tensor, map_max: torch.Tensor, alpha: floa
     return alpha * mm(text_probs) + (1 - alpha) * mm(map_max)
 
 
+def pixel_map(cfg: DictASConfig, backend: str, patch_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, L*S, h, w] per-layer / per-scale maps -> the smoothed map [B, H, W]. Reference
+    (test.py): upsample each map, average, blur in float64 (scipy-exact); fastad:
+    average at patch resolution, upsample once (exact: bilinear upsampling is linear),
+    blur in float32."""
+    if backend == "reference":
+        ups = [upsample_maps(patch_maps[:, i], size, cfg.upsample_mode, cfg.align_corners)
+               for i in range(patch_maps.shape[1])]
+        amap = torch.stack(ups, dim=0).mean(dim=0)
+    else:
+        amap = upsample_maps(patch_maps.mean(dim=1), size, cfg.upsample_mode, cfg.align_corners)
+    if cfg.sigma is not None:
+        amap = gaussian_blur(amap, cfg.sigma, cfg.truncate, precision="float64" if backend == "reference" else "float32")
+    return amap
+
+
 @dataclass
 class DictASReferences:
     """Cached per category: ``keys`` / ``values`` [M, C] per (layer index, scale)
@@ -315,6 +331,8 @@ class DictAS(FewShotCLIPModel):
         with torch.no_grad():
             scores, maps = model(images)        # [B], [B, 336, 336]
     """
+
+    resize_mode = "squash"  # test.py: Resize((S, S), bicubic), then CenterCrop(S)
 
     def __init__(self, config: DictASConfig | None = None, pretrained: str | None = None,
                  backend: str = "reference", **overrides: Any) -> None:
@@ -360,7 +378,7 @@ class DictAS(FewShotCLIPModel):
             raise ValueError("fastad.models.DictAS: set_references needs at least one reference image")
         if text_features is None:
             text_features = self.backbone.text_prototypes(*dictas_prompts(class_name or category))
-        text = self._check_text(text_features)
+        text = self._check_text(text_features, batched=False)
         was_training = self.training
         self.eval()
         keys, values = {}, {}
@@ -377,13 +395,6 @@ class DictAS(FewShotCLIPModel):
         self.references[category] = refs
         self.active_category = category
         return refs
-
-    def _check_text(self, text: torch.Tensor) -> torch.Tensor:
-        dim = self.backbone.embed_dim
-        if not isinstance(text, torch.Tensor) or text.shape[-2:] != (2, dim):
-            raise ValueError(f"fastad.models.DictAS: text_features must be [2, {dim}] (normal, abnormal), got "
-                             f"{tuple(getattr(text, 'shape', ()))}")
-        return text.detach().float().to(self.device)
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, category: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,15 +431,7 @@ class DictAS(FewShotCLIPModel):
                     maps.append(1 - (con + 1) * 0.5)
             patch_maps = torch.stack(maps, dim=1).reshape(B, len(maps), gh, gw)
             size = (gh * self.backbone.patch_size, gw * self.backbone.patch_size)
-            if backend == "reference":  # as test.py: upsample each map, then average
-                up = [upsample_maps(patch_maps[:, i], size, cfg.upsample_mode, cfg.align_corners)
-                      for i in range(patch_maps.shape[1])]
-                amap = torch.stack(up, dim=0).mean(dim=0)
-            else:  # upsampling is linear: average at patch resolution, upsample once
-                amap = upsample_maps(patch_maps.mean(dim=1), size, cfg.upsample_mode, cfg.align_corners)
-            if cfg.sigma is not None:
-                amap = gaussian_blur(amap, cfg.sigma, cfg.truncate,
-                                     precision="float64" if backend == "reference" else "float32")
+            amap = pixel_map(cfg, backend, patch_maps, size)
             emb = features.embeds.float()
             v = emb / emb.norm(dim=-1, keepdim=True)
             text_probs = (cfg.tau_text * v @ refs.text.to(dev).T).softmax(dim=-1)[:, 1]

@@ -46,7 +46,7 @@ from fastad.models.clip_backbone import POS_EMBED_RESIZE, CLIPBackbone, ImageFea
 from fastad.models.losses import binary_focal_loss, dice_loss, focal_loss
 from fastad.models.postprocess import gaussian_blur, upsample_maps
 
-__all__ = ["InCTRLConfig", "InCTRLv2", "InCTRLReferences", "inctrl_prompts", "patch_residual"]
+__all__ = ["InCTRLConfig", "InCTRLv2", "InCTRLReferences", "inctrl_prompts", "patch_residual", "pixel_map"]
 
 # mala-lab/InCTRL open_clip/model.py: states x templates (7 x 22 normal, 4 x 22 anomalous)
 _STATES = {
@@ -260,6 +260,25 @@ def patch_residual(query: Sequence[torch.Tensor], banks: Sequence[torch.Tensor],
     raise ValueError(f"fastad.models.patch_residual: backend must be 'reference' or 'fastad', got {backend!r}")
 
 
+def pixel_map(cfg: InCTRLConfig, backend: str, Mx: torch.Tensor, S_a: torch.Tensor | None = None,
+              S_h: torch.Tensor | None = None, size: tuple[int, int] = (518, 518)) -> torch.Tensor:
+    """The pixel-level map [B, H, W] from patch-level maps [B, h, w]. v1: Phi(M_x).
+    v2 (Eq. 11, 15, 17): (1 - beta) Phi(1/2 (M_x + S_a)) + beta Phi(1/2 (M_x + S^_a)), the
+    reference upsampling both maps as printed, fastad fusing at patch resolution and
+    upsampling once (Phi is linear). Then the Gaussian blur when ``cfg.sigma`` is set
+    (reference: float64, scipy-exact; fastad: float32)."""
+    up = lambda m: upsample_maps(m, size, cfg.upsample_mode, cfg.align_corners)  # noqa: E731
+    if S_a is None:
+        maps = up(Mx)
+    elif backend == "reference":
+        maps = (1 - cfg.beta) * up(0.5 * (Mx + S_a)) + cfg.beta * up(0.5 * (Mx + S_h))
+    else:
+        maps = up(0.5 * Mx + 0.5 * ((1 - cfg.beta) * S_a + cfg.beta * S_h))
+    if cfg.sigma is not None:
+        maps = gaussian_blur(maps, cfg.sigma, cfg.truncate, precision="float64" if backend == "reference" else "float32")
+    return maps
+
+
 class InCTRLv2(FewShotCLIPModel):
     """InCTRL / InCTRLv2 (see the module docstring).
 
@@ -276,6 +295,8 @@ class InCTRLv2(FewShotCLIPModel):
         with torch.no_grad():
             scores, maps = model(images)                              # [B], [B, H, W]
     """
+
+    resize_mode = "shortest"  # engine_test.py: Resize(S, bicubic) on the shorter side, CenterCrop(S)
 
     def __init__(self, config: InCTRLConfig | str = "v2", pretrained: str | None = None, backend: str = "reference",
                  **overrides: Any) -> None:
@@ -315,20 +336,13 @@ class InCTRLv2(FewShotCLIPModel):
         if text_features is None:
             name = class_name if class_name is not None else category.replace("_", " ")
             text_features = self.backbone.text_prototypes(*inctrl_prompts(name))
-        text_features = self._check_text(text_features)
+        text_features = self._check_text(text_features, batched=False)
         refs = InCTRLReferences(embeds=feats.embeds.detach().float(),
                                 banks=[t.detach().float().reshape(-1, t.shape[-1]) for t in feats.tokens],
                                 text=text_features, grid=feats.grid)
         self.references[category] = refs
         self.active_category = category
         return refs
-
-    def _check_text(self, text: torch.Tensor) -> torch.Tensor:
-        dim = self.backbone.embed_dim
-        if not isinstance(text, torch.Tensor) or text.shape[-2:] != (2, dim):
-            raise ValueError(f"fastad.models.InCTRLv2: text_features must be [2, {dim}] (normal, anomalous), got "
-                             f"{tuple(getattr(text, 'shape', ()))}")
-        return text.detach().float().to(self.device)
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, category: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,22 +389,13 @@ class InCTRLv2(FewShotCLIPModel):
             if cfg.version == "v1":
                 s_h = self.holistic_head(M + s_a[:, None] + s_i[:, None])
                 out["image_scores"] = (s_h + s_p) / 2
-                maps = upsample_maps(out["patch_residual"], size, cfg.upsample_mode, cfg.align_corners)
+                maps = pixel_map(cfg, backend, out["patch_residual"], size=size)
             else:
                 out["image_scores"] = (1 - cfg.alpha) * (s_i + s_a) / 2 + cfg.alpha * s_p
                 S_a = self._semantic_map(self.dasl_adapter(tokens), text).reshape(B, gh, gw)
                 S_h = self._semantic_map(self.oasl_adapter(tokens), text).reshape(B, gh, gw)
                 out["S_a"], out["S_a_hat"] = S_a, S_h
-                Mx = out["patch_residual"]
-                if backend == "reference":  # Eq. 11, 15, 17 as printed: two maps, two upsamplings
-                    up = lambda m: upsample_maps(m, size, cfg.upsample_mode, cfg.align_corners)  # noqa: E731
-                    maps = (1 - cfg.beta) * up(0.5 * (Mx + S_a)) + cfg.beta * up(0.5 * (Mx + S_h))
-                else:  # Phi is linear: fuse at patch resolution, upsample once
-                    fused = 0.5 * Mx + 0.5 * ((1 - cfg.beta) * S_a + cfg.beta * S_h)
-                    maps = upsample_maps(fused, size, cfg.upsample_mode, cfg.align_corners)
-            if cfg.sigma is not None:
-                precision = "float64" if backend == "reference" else "float32"
-                maps = gaussian_blur(maps, cfg.sigma, cfg.truncate, precision=precision)
+                maps = pixel_map(cfg, backend, out["patch_residual"], S_a, S_h, size)
             out["anomaly_maps"] = maps
         return out
 

@@ -10,7 +10,10 @@ repeated for radii longer than the map).
 ``precision="float64"`` mirrors scipy exactly: each axis pass accumulates in float64
 and the result is rounded to the input dtype before the next pass (scipy writes
 each pass into an array of the input dtype). ``precision="float32"`` accumulates
-in float32 (faster; within ~1e-6 relative of scipy for float32 maps).
+in float32 (within ~1e-6 of scipy for float32 maps in [0, 1]) and, for axes up to
+1024 long, runs each pass as one GEMM with the banded [n, n] filter matrix (the
+reflected taps folded in), which is several times faster than a 1-channel
+convolution on CPU and GPU alike.
 """
 from __future__ import annotations
 
@@ -37,9 +40,23 @@ def _reflect_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
     return torch.where(idx >= n, 2 * n - 1 - idx, idx)
 
 
-def _blur_last_axis(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+_BANDED_MAX = 1024
+
+
+def _banded_matrix(n: int, weights: torch.Tensor) -> torch.Tensor:
+    """[n, n] matrix K with (x K^T)[i] = sum_t w[t] x[reflect(i + t - r)]."""
     radius = (weights.numel() - 1) // 2
+    src = _reflect_index(n, radius, weights.device)
+    pos = torch.arange(n, device=weights.device)[:, None] + torch.arange(2 * radius + 1, device=weights.device)
+    k = torch.zeros(n, n, dtype=weights.dtype, device=weights.device)
+    return k.scatter_add_(1, src[pos], weights.expand(n, -1).contiguous())
+
+
+def _blur_last_axis(x: torch.Tensor, weights: torch.Tensor, banded: bool = False) -> torch.Tensor:
     n = x.shape[-1]
+    if banded and n <= _BANDED_MAX:
+        return x @ _banded_matrix(n, weights).T
+    radius = (weights.numel() - 1) // 2
     padded = x.index_select(-1, _reflect_index(n, radius, x.device))
     flat = padded.reshape(-1, 1, n + 2 * radius)
     return F.conv1d(flat, weights.view(1, 1, -1)).reshape(x.shape)
@@ -59,9 +76,10 @@ def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0, precisio
     work = torch.float64 if precision == "float64" else torch.float32
     w = gaussian_kernel1d(sigma, truncate, dtype=work, device=x.device)
     out_dtype = x.dtype
+    banded = precision == "float32"  # the float64 path keeps scipy's order of the taps
     # H pass (axis -2), rounded to the input dtype, then the W pass
-    y = _blur_last_axis(x.transpose(-1, -2).to(work), w).transpose(-1, -2).to(out_dtype)
-    return _blur_last_axis(y.to(work), w).to(out_dtype)
+    y = _blur_last_axis(x.transpose(-1, -2).to(work), w, banded).transpose(-1, -2).to(out_dtype)
+    return _blur_last_axis(y.to(work), w, banded).to(out_dtype)
 
 
 def upsample_maps(maps: torch.Tensor, size: int | tuple[int, int], mode: str = "bilinear",
