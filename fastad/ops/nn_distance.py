@@ -130,11 +130,20 @@ def _reference_impl(q: torch.Tensor, b: torch.Tensor, k: int, metric: str, scale
     return tuple(nn_distance_reference(q, b, k, metric, scale, reduce, qg, bg, group_match, need_indices))
 
 
+def _triton_impl(q: torch.Tensor, b: torch.Tensor, k: int, metric: str, scale: float, reduce: str,
+                 qg: torch.Tensor | None, bg: torch.Tensor | None, group_match: str,
+                 need_indices: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from fastad.kernels.nn_distance import nn_distance_triton  # lazy: fastad works without triton
+
+    return nn_distance_triton(q, b, k, metric, scale, reduce, qg, bg, group_match, need_indices)
+
+
 # Backend implementations, all with the signature of _reference_impl: q [B, N, C] and
 # b [1 or B, M, C] contiguous, groups int64 [B, N] / [1 or B, M] or None; they return
 # float values ([B, N, k] or [B, N]) and int64 indices [B, N, k] (None allowed for the
 # mean modes when need_indices is False).
 _IMPLS = {"reference": _reference_impl}
+_IMPLS["triton"] = _triton_impl
 BACKENDS = tuple(_IMPLS)
 
 
