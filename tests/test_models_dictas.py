@@ -392,7 +392,7 @@ def test_training_gradients_agree_between_backends():
         model = make_model(backend=backend, lookup_scale=6.0, generator_dropout=0.0).train()
         losses = model.compute_losses(q, refs, masks, labels, text_features=text_protos())
         losses["loss"].backward()
-        grads[backend] = (float(losses["loss"]), {n: p.grad.clone() for n, p in model.named_parameters()
+        grads[backend] = (float(losses["loss"].detach()), {n: p.grad.clone() for n, p in model.named_parameters()
                                                   if p.grad is not None})
     assert grads["reference"][0] == pytest.approx(grads["fastad"][0], abs=1e-4)
     ref_g, fast_g = grads["reference"][1], grads["fastad"][1]
