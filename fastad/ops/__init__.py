@@ -1,7 +1,12 @@
 """fastad.ops: the fused kernels. Each op module holds the PyTorch reference (the
-definition), the dispatch to the C++ / Triton backends, and its autograd."""
+definition, exported as ``<op>_reference``), the dispatch to the C++ / Triton backends,
+and its autograd."""
 from __future__ import annotations
 
-from fastad.ops.nn_distance import NNResult, nn_distance
+from fastad.ops.mask_pool import MaskPoolOutput, mask_pool, mask_pool_reference
+from fastad.ops.nn_distance import NNResult, nn_distance, nn_distance_reference
 
-__all__ = ["NNResult", "nn_distance"]
+__all__ = [
+    "MaskPoolOutput", "mask_pool", "mask_pool_reference",
+    "NNResult", "nn_distance", "nn_distance_reference",
+]
