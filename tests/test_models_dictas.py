@@ -11,7 +11,7 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import fastad  # noqa: E402
-from fastad.models import CheckpointKeyError, DictAS, DictASConfig, gaussian_blur  # noqa: E402
+from fastad.models import CheckpointKeyError, DictAS, DictASConfig, gaussian_blur, upsample_blur, upsample_maps  # noqa: E402
 from fastad.models.dictas import _pool, category_scores, dictas_prompts, dictionary_lookup, sparsemax_sort  # noqa: E402
 
 TINY = dict(backbone="fastad-tiny", image_size=64, layers=(1, 2, 3, 4))
@@ -138,6 +138,20 @@ def test_gaussian_blur_reflects_half_sample_symmetric():
         gaussian_blur(x, 0.0)
     with pytest.raises(ValueError, match="precision"):
         gaussian_blur(x, 1.0, precision="float16")
+
+
+@pytest.mark.parametrize("mode,align_corners", [("bilinear", True), ("bilinear", False), ("bicubic", False),
+                                                ("nearest", None)])
+@pytest.mark.parametrize("h,w,size,sigma", [(24, 24, (336, 336), 6.0), (37, 29, (518, 400), 4.0),
+                                            (5, 3, (64, 16), 6.0), (7, 7, (56, 56), None), (1, 4, (8, 32), 1.0)])
+def test_upsample_blur_is_upsampling_then_blur(mode, align_corners, h, w, size, sigma):
+    maps = torch.rand(2, h, w, generator=torch.Generator().manual_seed(h * w))
+    want = upsample_maps(maps.double(), size, mode, align_corners)
+    if sigma is not None:
+        want = gaussian_blur(want, sigma)
+    got = upsample_blur(maps, size, mode, align_corners, sigma)
+    assert got.shape == (2, *size) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------ lookup pieces

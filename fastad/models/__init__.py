@@ -6,7 +6,7 @@ from fastad.models.checkpoint import CheckpointKeyError
 from fastad.models.clip_backbone import TINY_CLIP_CONFIGS, CLIPBackbone, ImageFeatures, create_clip
 from fastad.models.dictas import DictAS, DictASConfig
 from fastad.models.inctrlv2 import InCTRLConfig, InCTRLv2
-from fastad.models.postprocess import gaussian_blur, upsample_maps
+from fastad.models.postprocess import gaussian_blur, upsample_blur, upsample_maps
 
 __all__ = [
     "CheckpointKeyError",
@@ -19,5 +19,6 @@ __all__ = [
     "TINY_CLIP_CONFIGS",
     "create_clip",
     "gaussian_blur",
+    "upsample_blur",
     "upsample_maps",
 ]

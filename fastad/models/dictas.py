@@ -27,8 +27,8 @@ Batched semantics: all query images of a batch look up the same cached dictionar
 Backends (same outputs to fp32 rounding): ``"reference"`` mirrors the authors
 (dense logits, sort-based sparsemax as in SPM.py, 8 upsamplings, float64 scipy-exact
 blur); ``"fastad"`` looks up with ``fastad.ops.dict_lookup`` (no N x M logits),
-averages the 8 maps at patch resolution before one upsampling (exact: bilinear
-upsampling is linear) and blurs in float32.
+averages the 8 maps at patch resolution and applies upsampling and blur as one
+separable linear operator (exact up to rounding: every step is linear).
 
 Note: the authors' CLIP re-implementation (models/transformer.py) uses exact
 ``nn.GELU`` even with OpenAI weights, which were trained with QuickGELU; their
@@ -48,7 +48,7 @@ from torch import nn
 from fastad.models._base import FewShotCLIPModel
 from fastad.models.checkpoint import load_mapped_state_dict, read_state_dict
 from fastad.models.clip_backbone import POS_EMBED_RESIZE, CLIPBackbone, ImageFeatures
-from fastad.models.postprocess import gaussian_blur, upsample_maps
+from fastad.models.postprocess import gaussian_blur, upsample_blur, upsample_maps
 
 __all__ = ["DictASConfig", "DictAS", "DictASReferences", "dictas_prompts", "sparsemax_sort", "dictionary_lookup",
            "category_scores", "pixel_map"]
@@ -292,16 +292,16 @@ def category_scores(text_probs: torch.Tensor, map_max: torch.Tensor, alpha: floa
 def pixel_map(cfg: DictASConfig, backend: str, patch_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[B, L*S, h, w] per-layer / per-scale maps -> the smoothed map [B, H, W]. Reference
     (test.py): upsample each map, average, blur in float64 (scipy-exact); fastad:
-    average at patch resolution, upsample once (exact: bilinear upsampling is linear),
-    blur in float32."""
-    if backend == "reference":
-        ups = [upsample_maps(patch_maps[:, i], size, cfg.upsample_mode, cfg.align_corners)
-               for i in range(patch_maps.shape[1])]
-        amap = torch.stack(ups, dim=0).mean(dim=0)
-    else:
-        amap = upsample_maps(patch_maps.mean(dim=1), size, cfg.upsample_mode, cfg.align_corners)
+    average at patch resolution, then upsampling and blur as one separable linear
+    operator (``upsample_blur``; exact up to rounding: every step is linear)."""
+    if backend != "reference":
+        return upsample_blur(patch_maps.mean(dim=1), size, cfg.upsample_mode, cfg.align_corners, cfg.sigma,
+                             cfg.truncate)
+    ups = [upsample_maps(patch_maps[:, i], size, cfg.upsample_mode, cfg.align_corners)
+           for i in range(patch_maps.shape[1])]
+    amap = torch.stack(ups, dim=0).mean(dim=0)
     if cfg.sigma is not None:
-        amap = gaussian_blur(amap, cfg.sigma, cfg.truncate, precision="float64" if backend == "reference" else "float32")
+        amap = gaussian_blur(amap, cfg.sigma, cfg.truncate)
     return amap
 
 

@@ -26,8 +26,9 @@ layers when the batch size is above 1; this model does not).
 Backends (same outputs to fp32 rounding): ``"reference"`` mirrors the authors'
 computation (per-image normalise + GEMM + row-min, a 2-way softmax per map, two
 upsamplings, a float64 scipy-exact blur); ``"fastad"`` runs the residual on
-``fastad.ops.nn_distance``, fuses the maps at patch resolution before one
-upsampling (exact: both are linear) and blurs in float32.
+``fastad.ops.nn_distance``, fuses the maps at patch resolution and applies the
+upsampling and the blur as one separable linear operator (exact up to rounding:
+all three steps are linear).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from fastad.models._base import FewShotCLIPModel
 from fastad.models.checkpoint import load_mapped_state_dict, read_state_dict
 from fastad.models.clip_backbone import POS_EMBED_RESIZE, CLIPBackbone, ImageFeatures
 from fastad.models.losses import binary_focal_loss, dice_loss, focal_loss
-from fastad.models.postprocess import gaussian_blur, upsample_maps
+from fastad.models.postprocess import gaussian_blur, upsample_blur, upsample_maps
 
 __all__ = ["InCTRLConfig", "InCTRLv2", "InCTRLReferences", "inctrl_prompts", "patch_residual", "pixel_map"]
 
@@ -267,19 +268,21 @@ def patch_residual(query: Sequence[torch.Tensor], banks: Sequence[torch.Tensor],
 def pixel_map(cfg: InCTRLConfig, backend: str, Mx: torch.Tensor, S_a: torch.Tensor | None = None,
               S_h: torch.Tensor | None = None, size: tuple[int, int] = (518, 518)) -> torch.Tensor:
     """The pixel-level map [B, H, W] from patch-level maps [B, h, w]. v1: Phi(M_x).
-    v2 (Eq. 11, 15, 17): (1 - beta) Phi(1/2 (M_x + S_a)) + beta Phi(1/2 (M_x + S^_a)), the
-    reference upsampling both maps as printed, fastad fusing at patch resolution and
-    upsampling once (Phi is linear). Then the Gaussian blur when ``cfg.sigma`` is set
-    (reference: float64, scipy-exact; fastad: float32)."""
+    v2 (Eq. 11, 15, 17): (1 - beta) Phi(1/2 (M_x + S_a)) + beta Phi(1/2 (M_x + S^_a)).
+    Then the Gaussian blur when ``cfg.sigma`` is set. The reference upsamples both
+    maps as printed and blurs in float64 (scipy-exact); fastad fuses the maps at
+    patch resolution and applies upsampling and blur as one separable linear
+    operator (``upsample_blur``: both steps are linear)."""
+    if backend != "reference":  # one separable upsample + blur operator on the fused patch map
+        fused = Mx if S_a is None else 0.5 * Mx + 0.5 * ((1 - cfg.beta) * S_a + cfg.beta * S_h)
+        return upsample_blur(fused, size, cfg.upsample_mode, cfg.align_corners, cfg.sigma, cfg.truncate)
     up = lambda m: upsample_maps(m, size, cfg.upsample_mode, cfg.align_corners)  # noqa: E731
     if S_a is None:
         maps = up(Mx)
-    elif backend == "reference":
-        maps = (1 - cfg.beta) * up(0.5 * (Mx + S_a)) + cfg.beta * up(0.5 * (Mx + S_h))
     else:
-        maps = up(0.5 * Mx + 0.5 * ((1 - cfg.beta) * S_a + cfg.beta * S_h))
+        maps = (1 - cfg.beta) * up(0.5 * (Mx + S_a)) + cfg.beta * up(0.5 * (Mx + S_h))
     if cfg.sigma is not None:
-        maps = gaussian_blur(maps, cfg.sigma, cfg.truncate, precision="float64" if backend == "reference" else "float32")
+        maps = gaussian_blur(maps, cfg.sigma, cfg.truncate)
     return maps
 
 

@@ -17,10 +17,12 @@ convolution on CPU and GPU alike.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gaussian_kernel1d", "gaussian_blur", "upsample_maps"]
+__all__ = ["gaussian_kernel1d", "gaussian_blur", "upsample_maps", "upsample_blur"]
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0, dtype: torch.dtype = torch.float64,
@@ -91,3 +93,34 @@ def upsample_maps(maps: torch.Tensor, size: int | tuple[int, int], mode: str = "
         return maps
     ac = None if mode in ("nearest", "area", "nearest-exact") else align_corners
     return F.interpolate(maps[:, None], size=size, mode=mode, align_corners=ac)[:, 0]
+
+
+@functools.lru_cache(maxsize=32)
+def _axis_operator(n_in: int, n_out: int, mode: str, align_corners: bool | None, sigma: float | None,
+                   truncate: float) -> torch.Tensor:
+    """float64 [n_out, n_in] matrix of one axis of upsample-then-blur: interpolation
+    of the identity (1-D; the other axis stays 1 -> 1), then the reflected Gaussian."""
+    eye = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, n_in, 1)
+    ac = None if mode in ("nearest", "area", "nearest-exact") else align_corners
+    up = F.interpolate(eye, size=(n_out, 1), mode=mode, align_corners=ac)[:, 0, :, 0].T
+    if sigma is None:
+        return up
+    return _banded_matrix(n_out, gaussian_kernel1d(sigma, truncate)) @ up
+
+
+def upsample_blur(maps: torch.Tensor, size: int | tuple[int, int], mode: str = "bilinear",
+                  align_corners: bool | None = False, sigma: float | None = None,
+                  truncate: float = 4.0) -> torch.Tensor:
+    """``gaussian_blur(upsample_maps(maps, size, mode, align_corners), sigma, truncate)``
+    as one separable linear operator: out = A_H maps A_W^T with A = blur @ upsample per
+    axis (both are linear and act on the axes separately), i.e. two small GEMMs of
+    [H, h] x [h, w] x [w, W] instead of a full-resolution upsampling and a 2-D blur.
+    Equal to the two-step result up to float32 rounding (~1e-7 on maps in [0, 1]).
+    maps [B, h, w] float; the operators are built in float64 and cached."""
+    if isinstance(size, int):
+        size = (size, size)
+    a_h = _axis_operator(maps.shape[-2], size[0], mode, align_corners, sigma, truncate)
+    a_w = _axis_operator(maps.shape[-1], size[1], mode, align_corners, sigma, truncate)
+    a_h = a_h.to(device=maps.device, dtype=maps.dtype)
+    a_w = a_w.to(device=maps.device, dtype=maps.dtype)
+    return a_h @ maps @ a_w.T
