@@ -48,31 +48,42 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def _status(name: str) -> BackendStatus:
+def _unavailable(name: str) -> str | None:
+    """Why backend ``name`` cannot run here (None when it can). Kept free of calls into
+    fastad._C so that torch.compile can trace the backend choice."""
     if name == "reference":
-        return BackendStatus(name, True, "plain PyTorch")
+        return None
     if name == "cpu":
-        if _ext._C is None:
-            return BackendStatus(name, False, _ext.C_ERROR or "fastad._C missing")
-        return BackendStatus(name, True, f"fastad._C, {_ext.cpu_isa()} kernels, {_ext.num_threads()} threads")
+        return _ext.C_ERROR if _ext._C is None else None
     if name == "triton":
         err = _triton_import_error()
         if err:
-            return BackendStatus(name, False, err)
-        if torch.cuda.is_available():
-            return BackendStatus(name, True, f"CUDA device {torch.cuda.get_device_name()}")
-        if triton_interpret():
-            return BackendStatus(name, True, "TRITON_INTERPRET=1: kernels run in the CPU interpreter")
-        return BackendStatus(name, False, "no CUDA device (TRITON_INTERPRET=1 runs the kernels in the CPU interpreter)")
+            return err
+        if torch.cuda.is_available() or triton_interpret():
+            return None
+        return "no CUDA device (TRITON_INTERPRET=1 runs the kernels in the CPU interpreter)"
     if name == "cuda":
         if _ext._C is None:
-            return BackendStatus(name, False, _ext.C_ERROR or "fastad._C missing")
-        if not getattr(_ext._C, "with_cuda", False):
-            return BackendStatus(name, False, "fastad._C was built without CUDA sources (FASTAD_BUILD_CUDA=1 to force)")
-        if not torch.cuda.is_available():
-            return BackendStatus(name, False, "no CUDA device")
-        return BackendStatus(name, True, f"CUDA device {torch.cuda.get_device_name()}")
+            return _ext.C_ERROR
+        if not _ext.WITH_CUDA:
+            return "fastad._C was built without CUDA sources (FASTAD_BUILD_CUDA=1 to force)"
+        return None if torch.cuda.is_available() else "no CUDA device"
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def _status(name: str) -> BackendStatus:
+    reason = _unavailable(name)
+    if reason is not None:
+        return BackendStatus(name, False, reason)
+    if name == "reference":
+        detail = "plain PyTorch"
+    elif name == "cpu":
+        detail = f"fastad._C, {_ext.cpu_isa()} kernels, {_ext.num_threads()} threads"
+    elif torch.cuda.is_available():
+        detail = f"CUDA device {torch.cuda.get_device_name()}"
+    else:
+        detail = "TRITON_INTERPRET=1: kernels run in the CPU interpreter"
+    return BackendStatus(name, True, detail)
 
 
 def backends() -> dict[str, BackendStatus]:
@@ -90,16 +101,16 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, supporte
     if backend is None:
         order = ("triton", "cuda") if device.type == "cuda" else ("cpu",) if device.type == "cpu" else ()
         for name in order:
-            if name in supported and _status(name).available:
+            if name in supported and _unavailable(name) is None:
                 return name
         return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"fastad.ops.{op}: unknown backend {backend!r}; expected one of {BACKENDS} or None")
     if backend not in supported:
         raise BackendUnavailableError(f"fastad.ops.{op} has no {backend!r} backend (it has {supported})")
-    status = _status(backend)
-    if not status.available:
-        raise BackendUnavailableError(f"fastad.ops.{op}: backend {backend!r} is unavailable: {status.reason}")
+    reason = _unavailable(backend)
+    if reason is not None:
+        raise BackendUnavailableError(f"fastad.ops.{op}: backend {backend!r} is unavailable: {reason}")
     if backend == "cpu" and device.type != "cpu":
         raise BackendUnavailableError(f"fastad.ops.{op}: backend 'cpu' needs CPU tensors, got tensors on {device}")
     if backend == "cuda" and device.type != "cuda":

@@ -12,9 +12,11 @@ try:
     from fastad import _C  # type: ignore[attr-defined]
 
     C_ERROR: str | None = None
+    WITH_CUDA: bool = bool(_C.with_cuda)
 except ImportError as exc:  # not built, or built for another Python
     _C = None
     C_ERROR = f"fastad._C is not importable ({type(exc).__name__}: {exc}); rebuild with `make build`"
+    WITH_CUDA = False
 
 # Codes shared with csrc/common.h (enum DType).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

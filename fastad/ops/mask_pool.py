@@ -614,13 +614,6 @@ torch.library.register_autograd("fastad::mask_pool", _backward, setup_context=_s
 # --------------------------------------------------------------------------- public API
 
 
-@torch.compiler.assume_constant_result
-def _resolve(backend: Optional[str], device_type: str) -> str:
-    # Backend discovery queries fastad._C, which torch.compile cannot trace: the
-    # choice is made once at trace time and kept as a constant of the graph.
-    return resolve_backend(OP, backend, torch.device(device_type), ("reference", "cpu", "triton"))
-
-
 def mask_pool(features: torch.Tensor, masks: torch.Tensor, size: Union[int, Sequence[int], None] = None,
               resize: str = "bilinear", align_corners: bool = False, threshold: Optional[float] = None,
               complement: Union[bool, str] = False, eps: float = 1e-8, backend: Optional[str] = None, *,
@@ -676,7 +669,7 @@ def mask_pool(features: torch.Tensor, masks: torch.Tensor, size: Union[int, Sequ
     sh, sw, comp = _normalise(features, masks, size, resize, align_corners, threshold, complement, eps)
     if not isinstance(return_counts, bool):
         raise TypeError(f"fastad.ops.{OP}: `return_counts` must be a bool, got {describe(return_counts)}")
-    name = _resolve(backend, features.device.type)
+    name = resolve_backend(OP, backend, features.device, ("reference", "cpu", "triton"))
     if name == "reference":
         result = mask_pool_reference(features, masks, (sh, sw), resize, align_corners, threshold, complement, eps)
     else:
