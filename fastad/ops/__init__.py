@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from fastad.ops.mask_pool import MaskPoolOutput, mask_pool, mask_pool_reference
 from fastad.ops.nn_distance import NNResult, nn_distance, nn_distance_reference
+from fastad.ops.sparsemax import LookupWeights, dict_lookup, dict_lookup_reference, sparsemax, sparsemax_reference
 
 __all__ = [
     "MaskPoolOutput", "mask_pool", "mask_pool_reference",
     "NNResult", "nn_distance", "nn_distance_reference",
+    "LookupWeights", "dict_lookup", "dict_lookup_reference", "sparsemax", "sparsemax_reference",
 ]
