@@ -26,7 +26,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastad
 from fastad.models import DictAS, ImageFeatures, InCTRLv2
 from fastad.models import dictas as dictas_mod
 from fastad.models import inctrlv2 as inctrl_mod
@@ -111,11 +110,6 @@ def _forward(model, images, backend):
     return run
 
 
-def _needs_dict_lookup(backend: str) -> None:
-    if backend == "fastad" and not hasattr(fastad.ops, "dict_lookup"):
-        pytest.skip("fastad.ops.dict_lookup is not in this build")
-
-
 def _rounds(bench_size: str) -> int:
     return 2 if bench_size == "quick" else 3
 
@@ -140,7 +134,6 @@ class TestDictAS:
 
     @pytest.mark.parametrize("backend", ["reference", "fastad"])
     def test_head(self, bench, bench_size, dictas_state, backend):
-        _needs_dict_lookup(backend)
         model, feats = dictas_state.ready()
         bench(_head(model, feats, backend), group=f"{self.NAME}: AD head (8 lookups + maps), 1 image",
               impl=f"DictAS backend={backend}", role="peer" if backend == "reference" else "fastad",
@@ -148,7 +141,6 @@ class TestDictAS:
 
     @pytest.mark.parametrize("backend", ["reference", "fastad"])
     def test_lookup(self, bench, dictas_state, backend):
-        _needs_dict_lookup(backend)
         model, feats = dictas_state.ready()
         refs = model.references["bench"]
         with torch.no_grad():
@@ -190,7 +182,6 @@ class TestDictAS:
     def test_end_to_end(self, bench, bench_size, dictas_state, backend):
         if bench_size != "full":
             pytest.skip("end-to-end runs with --bench-size full (quick: backbone + head)")
-        _needs_dict_lookup(backend)
         model, _ = dictas_state.ready()
         bench(_forward(model, dictas_state.images, backend), group=f"{self.NAME}: end-to-end, 1 image",
               impl=f"DictAS backend={backend}", role="peer" if backend == "reference" else "fastad", rounds=2)
@@ -199,7 +190,6 @@ class TestDictAS:
     def test_head_batch(self, bench, bench_size, dictas_state, backend):
         if bench_size != "full":
             pytest.skip("batched head runs with --bench-size full")
-        _needs_dict_lookup(backend)
         model, feats = dictas_state.ready()
         batch = ImageFeatures(feats.embeds.repeat(8, 1), [t.repeat(8, 1, 1) for t in feats.tokens], feats.grid)
         bench(_head(model, batch, backend), group=f"{self.NAME}: AD head, batch of 8 images",

@@ -10,14 +10,11 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import fastad  # noqa: E402
 from fastad.models import CheckpointKeyError, DictAS, DictASConfig, gaussian_blur, upsample_blur, upsample_maps  # noqa: E402
 from fastad.models.dictas import _pool, category_scores, dictas_prompts, dictionary_lookup, sparsemax_sort  # noqa: E402
 
 TINY = dict(backbone="fastad-tiny", image_size=64, layers=(1, 2, 3, 4))
 D = 48  # tiny embedding width
-requires_dict_lookup = pytest.mark.skipif(not hasattr(fastad.ops, "dict_lookup"),
-                                          reason="fastad.ops.dict_lookup is not in this build")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -231,7 +228,6 @@ def test_batched_forward_equals_one_image_at_a_time():
 # ------------------------------------------------------------------ fastad = reference
 
 
-@requires_dict_lookup
 @pytest.mark.parametrize("shots", [1, 2, 4])
 @pytest.mark.parametrize("lookup,scale", [("sparsemax", None), ("sparsemax", 30.0), ("softmax", None),
                                           ("argmax", 5.0)])
@@ -249,7 +245,6 @@ def test_fastad_backend_equals_reference(shots, lookup, scale):
         torch.testing.assert_close(fast[key], ref[key], rtol=0, atol=1e-4, msg=f"{shots}-shot {lookup} {key}")
 
 
-@requires_dict_lookup
 @pytest.mark.parametrize("mode", ["sparsemax", "softmax"])
 def test_lookup_backends_agree_with_per_image_dictionaries(mode):
     g = torch.Generator().manual_seed(2)
@@ -383,7 +378,7 @@ def train_batch():
     return q, refs, masks, torch.tensor([0, 1, 1])
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("fastad", marks=requires_dict_lookup)])
+@pytest.mark.parametrize("backend", ["reference", "fastad"])
 def test_training_step_decreases_the_loss(backend):
     model = make_model(backend=backend, lookup_scale=4.0, generator_dropout=0.0, lr=1e-3)
     q, refs, masks, labels = train_batch()
@@ -398,7 +393,6 @@ def test_training_step_decreases_the_loss(backend):
     assert all(not p.requires_grad for p in model.backbone.parameters())
 
 
-@requires_dict_lookup
 def test_training_gradients_agree_between_backends():
     q, refs, masks, labels = train_batch()
     grads = {}
