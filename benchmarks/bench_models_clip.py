@@ -111,7 +111,7 @@ def _forward(model, images, backend):
 
 
 def _rounds(bench_size: str) -> int:
-    return 2 if bench_size == "quick" else 3
+    return 3 if bench_size == "quick" else 5
 
 
 # --------------------------------------------------------------------------- DictAS
