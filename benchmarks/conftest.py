@@ -70,6 +70,24 @@ def bench(benchmark, bench_device):
     return run
 
 
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record the versions that the side-by-side numbers depend on."""
+    import importlib.metadata as md
+
+    from fastad import _ext
+
+    versions = {"torch": torch.__version__, "fastad ISA": _ext.cpu_isa() or "no _C",
+                "threads": torch.get_num_threads()}
+    for pkg in ("faiss-cpu", "faiss-gpu", "entmax", "anomalib", "scikit-learn", "triton"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        versions["gpu"] = torch.cuda.get_device_name()
+    machine_info["fastad_versions"] = versions
+
+
 def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:

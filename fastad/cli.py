@@ -1,0 +1,98 @@
+"""The ``fastad`` command line: ``demo``, ``demo-data``, ``bench`` and ``evaluate``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from fastad.data.synthetic import make_demo_dataset
+
+    root = make_demo_dataset(args.dir, seed=args.seed)
+    print(f"wrote the synthetic MVTec-layout dataset to {root}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fastad.demo import format_report, run_demo
+
+    report = run_demo(args.data, shots=args.shots, seed=args.seed, backend=args.backend,
+                      progress=not args.no_progress)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def _benchmarks_dir() -> Path:
+    here = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (here / "conftest.py").is_file():
+        raise SystemExit("fastad bench runs the benchmark suite of a source checkout (benchmarks/ next to fastad/); "
+                         f"{here} was not found")
+    return here
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    bench_dir = _benchmarks_dir()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "benchmarks.json"
+    cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", "--benchmark-only",
+           f"--benchmark-json={json_path}", f"--bench-size={'full' if args.full else 'quick'}",
+           f"--bench-device={args.device}", "-p", "no:cacheprovider"]
+    if args.k:
+        cmd += ["-k", args.k]
+    rc = subprocess.call(cmd, cwd=bench_dir.parent)
+    if not json_path.is_file():
+        print("no benchmark results were written", file=sys.stderr)
+        return rc or 1
+    sys.path.insert(0, str(bench_dir))
+    from report import environment_line, markdown_table, plot_groups, rows_from_json
+
+    rows = rows_from_json(str(json_path))
+    table = environment_line(str(json_path)) + "\n\n" + markdown_table(rows)
+    (out / "benchmarks.md").write_text(table + "\n")
+    plots = plot_groups(rows, out)
+    print(table)
+    print(f"\nwrote {json_path}, {out / 'benchmarks.md'} and {len(plots)} plot(s) in {out}")
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="fastad", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write the synthetic MVTec-layout demo dataset")
+    p.add_argument("dir", nargs="?", default="demo-data")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_cmd_demo_data)
+
+    p = sub.add_parser("demo", help="few-shot detection end to end on the demo data (makes it if missing)")
+    p.add_argument("--data", default="demo-data")
+    p.add_argument("--shots", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default=None, help="force a fastad backend (reference, cpu, triton)")
+    p.add_argument("--json", default=None, help="also write the report as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("bench", help="run the benchmark suite and write a side-by-side table and plots")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes, a few minutes on 2 CPU cores (default)")
+    size.add_argument("--full", action="store_true", help="the papers' sizes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("-k", default=None, help="pytest -k expression to select benchmarks")
+    p.set_defaults(fn=_cmd_bench)
+
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
