@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from fastad._image import gaussian_blur, resize_maps
+from fastad.models.postprocess import gaussian_blur, upsample_maps
 from fastad.ops import nn_distance
 
 
@@ -57,5 +57,7 @@ class PatchNNDetector:
 
     def finish(self, values: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch values [B, h*w] -> (image scores [B], smoothed maps [B, H, W])."""
-        maps = gaussian_blur(resize_maps(values.reshape(-1, *grid), size), self.sigma)
+        maps = upsample_maps(values.reshape(-1, *grid), size)
+        if self.sigma > 0:
+            maps = gaussian_blur(maps, self.sigma, precision="float32")
         return maps.flatten(1).max(1).values, maps
