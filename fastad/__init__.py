@@ -21,6 +21,8 @@ _LAZY = {
     "ReferenceBank": ("fastad.bank", "ReferenceBank"),
     "metrics": ("fastad.metrics", None),
     "models": ("fastad.models", None),
+    "patch_anomalib": ("fastad.integrations.anomalib", "patch_anomalib"),
+    "unpatch_anomalib": ("fastad.integrations.anomalib", "unpatch_anomalib"),
 }
 
 
