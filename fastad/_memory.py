@@ -32,23 +32,41 @@ def _reset_rss_peak() -> bool:
         return False
 
 
+class PeakMemory:
+    """Context manager: ``bytes`` is the peak extra memory above what was in use on
+    entry (None where the platform cannot tell). Not reentrant: an inner one resets
+    the outer one's high-water mark on CPU."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.bytes: int | None = None
+        self._before: int | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+        elif _reset_rss_peak():
+            kib = _status_kib("VmRSS")
+            self._before = None if kib is None else kib * 1024
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._before is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._before
+            return
+        peak = _status_kib("VmHWM")
+        self.bytes = None if peak is None else max(0, peak * 1024 - self._before)
+
+
 def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tuple[Any, int | None]:
     """Run ``fn()`` and return (its result, peak extra bytes above the memory in use
     before the call), or None for the bytes where the platform cannot tell."""
-    device = torch.device(device)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+    with PeakMemory(device) as pm:
         out = fn()
-        torch.cuda.synchronize(device)
-        return out, torch.cuda.max_memory_allocated(device) - before
-    if not _reset_rss_peak():
-        return fn(), None
-    before = _status_kib("VmRSS")
-    out = fn()
-    peak = _status_kib("VmHWM")
-    if before is None or peak is None:
-        return out, None
-    return out, max(0, peak - before) * 1024
+    return out, pm.bytes

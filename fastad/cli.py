@@ -62,6 +62,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return rc
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fastad.evaluate import EvaluationError, build_runner, evaluate, format_result, parse_overrides
+
+    try:
+        runner = build_runner(args.method, args.category, checkpoint=args.checkpoint, backbone=args.backbone,
+                              config=parse_overrides(args.config), device=args.device, backend=args.backend,
+                              dataset=args.dataset, proposer_config=args.proposer_config,
+                              proposer_checkpoint=args.proposer_checkpoint, sam_checkpoint=args.sam_checkpoint,
+                              sam_type=args.sam_type)
+        result = evaluate(runner, args.data, args.category, args.out, shots=args.shots, seed=args.seed,
+                          references=args.references, layout=args.layout, batch_size=args.batch_size,
+                          overlays=not args.no_overlays, progress=not args.no_progress, method=args.method,
+                          device=args.device)
+    except EvaluationError as exc:
+        print(f"fastad evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_result(result))
+    print(f"\nwrote metrics.json, metrics.csv, scores.csv{'' if args.no_overlays else ' and maps/'} in {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="fastad", description=__doc__)
@@ -89,6 +110,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench-out")
     p.add_argument("-k", default=None, help="pytest -k expression to select benchmarks")
     p.set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser("evaluate", help="run a reference model on one category of an MVTec AD / VisA folder")
+    p.add_argument("--method", required=True, choices=("inctrlv2", "dictas", "saa_plus", "icas"))
+    p.add_argument("--data", required=True, help="dataset root (MVTec AD layout, or VisA with split_csv/1cls.csv)")
+    p.add_argument("--category", required=True)
+    p.add_argument("--layout", default="auto", choices=("auto", "mvtec", "visa"))
+    p.add_argument("--shots", type=int, default=4, help="normal reference images (ignored by zero-shot saa_plus)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the reference draw")
+    p.add_argument("--references", default=None, help="file listing the reference images, one per line")
+    p.add_argument("--checkpoint", default=None, help="the method's trained weights")
+    p.add_argument("--backbone", default=None,
+                   help="backbone weights: CLIP (inctrlv2, dictas), DINOv2 (icas), WideResNet-50-2 (saa_plus)")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="model constructor override, repeatable (e.g. image_size=240; inctrlv2: preset=v1)")
+    p.add_argument("--dataset", default="mvtec", help="saa_plus: prompt table (mvtec, visa, ksdd2, mtd)")
+    p.add_argument("--proposer-config", default=None, help="saa_plus: GroundingDINO config file")
+    p.add_argument("--proposer-checkpoint", default=None, help="saa_plus: GroundingDINO weights")
+    p.add_argument("--sam-checkpoint", default=None, help="saa_plus: SAM weights (default: boxes as masks)")
+    p.add_argument("--sam-type", default="vit_h")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="fastad", choices=("fastad", "reference"))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default="evaluate-out")
+    p.add_argument("--no-overlays", action="store_true", help="skip the PNG overlays")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=_cmd_evaluate)
 
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -4,9 +4,6 @@ patch features -> fastad nearest-neighbour residuals and self-similarity salienc
 maps -> fastad.metrics, with the time of each stage."""
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,28 +11,7 @@ from tqdm.auto import tqdm
 
 from fastad.data.mvtec import image_shape, load_mvtec, mvtec_categories, read_image, read_mask
 from fastad.data.synthetic import CATEGORIES, make_demo_dataset
-
-
-class StageTimer:
-    """Wall time per named stage, summed over calls."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, stage: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] += time.perf_counter() - t0
-
-
-def sample_references(train: list[Path], shots: int, seed: int) -> list[Path]:
-    if shots > len(train):
-        raise ValueError(f"{shots} shots requested but only {len(train)} normal training images")
-    g = torch.Generator().manual_seed(seed)
-    return [train[i] for i in torch.randperm(len(train), generator=g)[:shots].tolist()]
+from fastad.evaluate import StageMeter, choose_references
 
 
 def run_demo(data_dir: str | Path = "demo-data", shots: int = 4, seed: int = 0, image_size: int = 224,
@@ -46,7 +22,7 @@ def run_demo(data_dir: str | Path = "demo-data", shots: int = 4, seed: int = 0, 
     from fastad.fewshot import PatchNNDetector
 
     data_dir = Path(data_dir)
-    timer = StageTimer()
+    timer = StageMeter()
     if not data_dir.is_dir() or not mvtec_categories(data_dir):
         with timer("make demo data"):
             make_demo_dataset(data_dir)
@@ -57,7 +33,7 @@ def run_demo(data_dir: str | Path = "demo-data", shots: int = 4, seed: int = 0, 
     for cat in tqdm(cats, desc="categories", disable=not progress):
         split = load_mvtec(data_dir, cat)
         with timer("read images"):
-            refs = torch.stack([read_image(p, image_size) for p in sample_references(split.train, shots, seed)])
+            refs = torch.stack([read_image(p, image_size) for p in choose_references(split, shots, seed, None, data_dir)])
             images = torch.stack([read_image(s.path, image_size) for s in split.test])
             masks = torch.stack([read_mask(s.mask, image_shape(s.path), image_size) for s in split.test])
             labels = torch.tensor([s.label for s in split.test])
