@@ -11,12 +11,12 @@ from tqdm.auto import tqdm
 
 from fastad.data.mvtec import image_shape, load_mvtec, mvtec_categories, read_image, read_mask
 from fastad.data.synthetic import CATEGORIES, make_demo_dataset
-from fastad.evaluate import StageMeter, choose_references
+from fastad.evaluate import StageMeter, choose_references, stage_table
 
 
 def run_demo(data_dir: str | Path = "demo-data", shots: int = 4, seed: int = 0, image_size: int = 224,
              backend: str | None = None, progress: bool = True) -> dict:
-    """Run the demo and return {"metrics": {category: {method: {...}}}, "seconds": {stage: s}}."""
+    """Run the demo and return {"metrics": {category: {method: {...}}}, "stages": {stage: {seconds, peak_mib}}}."""
     from fastad import metrics
     from fastad.backbones import EfficientNetFeatures
     from fastad.fewshot import PatchNNDetector
@@ -58,7 +58,7 @@ def run_demo(data_dir: str | Path = "demo-data", shots: int = 4, seed: int = 0, 
     methods = next(iter(results.values())).keys()
     results["mean"] = {m: {k: sum(results[c][m][k] for c in cats) / len(cats) for k in results[cats[0]][m]}
                        for m in methods}
-    return {"metrics": results, "seconds": dict(timer.seconds), "shots": shots, "categories": cats}
+    return {"metrics": results, "stages": timer.report(), "shots": shots, "categories": cats}
 
 
 def format_report(report: dict) -> str:
@@ -69,6 +69,5 @@ def format_report(report: dict) -> str:
         for method, m in per_method.items():
             lines.append(f"| {cat} | {method} | {m['image AUROC']:.3f} | {m['pixel AUROC']:.3f} | "
                          f"{m['AUPRO@0.3']:.3f} |")
-    lines += ["", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in report["seconds"].items()]
+    lines += [""] + stage_table(report["stages"])
     return "\n".join(lines)

@@ -445,8 +445,13 @@ def format_result(result: EvaluationResult) -> str:
              f"{info['shots']}-shot, {info['test_images']} test images ({info['anomalous_images']} anomalous)", "",
              "| metric | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in result.metrics.items()]
-    lines += ["", "| stage | seconds | peak MiB |", "|---|---:|---:|"]
-    for k, v in result.stages.items():
+    return "\n".join(lines + [""] + stage_table(result.stages))
+
+
+def stage_table(stages: dict[str, dict[str, float | None]]) -> list[str]:
+    """Markdown rows of ``StageMeter.report()``."""
+    lines = ["| stage | seconds | peak MiB |", "|---|---:|---:|"]
+    for k, v in stages.items():
         peak = "" if v["peak_mib"] is None else f"{v['peak_mib']:.1f}"
         lines.append(f"| {k} | {v['seconds']:.3f} | {peak} |")
-    return "\n".join(lines)
+    return lines

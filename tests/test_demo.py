@@ -109,3 +109,20 @@ def test_remap_rejects_foreign_keys():
 
     with pytest.raises(KeyError, match="not an EfficientNet-Lite weight"):
         remap_efficientnet_lite({"encoder.weight": torch.zeros(1)})
+
+
+def test_run_demo_end_to_end_on_a_tiny_dataset(tmp_path):
+    from fastad.demo import format_report, run_demo
+
+    synthetic.make_demo_dataset(tmp_path, categories=("brick", "grass"), size=64, n_train=3, n_test_good=2,
+                                n_test_defect=1)
+    report = run_demo(tmp_path, shots=2, image_size=64, progress=False)
+    assert report["categories"] == ["brick", "grass"]
+    for method in ("few-shot residual", "zero-shot saliency"):
+        for key in ("image AUROC", "pixel AUROC", "AUPRO@0.3"):
+            values = [report["metrics"][c][method][key] for c in ("brick", "grass")]
+            assert all(0 <= v <= 1 for v in values)
+            assert report["metrics"]["mean"][method][key] == pytest.approx(sum(values) / 2)
+    assert report["stages"]["few-shot residual (nn_distance)"]["seconds"] > 0
+    text = format_report(report)
+    assert "| mean | few-shot residual |" in text and "| stage | seconds | peak MiB |" in text
