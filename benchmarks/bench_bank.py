@@ -6,7 +6,6 @@ quick: 100k rows at C = 128 and C = 1024; full adds 1M rows. Queries: one image 
 from __future__ import annotations
 
 import faiss
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,9 +36,24 @@ def data(n, c, seed=0, clusters=256):
 _CACHE: dict = {}
 
 
+def pytest_generate_tests(metafunc):
+    if "size" in metafunc.fixturenames:
+        cases = sizes(metafunc.config.getoption("--bench-size"))
+        metafunc.parametrize("size", cases, ids=[f"{n}x{c}" for n, c in cases], scope="module")
+
+
+def index_mib(bank: ReferenceBank) -> float:
+    """Resident size of the category's index (faiss: its serialised size; exact: the rows)."""
+    cat = bank._cats["default"]
+    if bank.index_kind == "exact":
+        return cat.features.numel() * cat.features.element_size() / 2**20
+    return len(faiss.serialize_index(cat.index)) / 2**20
+
+
 def built(kind, n, c):
     key = (kind, n, c)
     if key not in _CACHE:
+        _CACHE.clear()  # one bank at a time: 1M x 1024 rows are 4 GiB
         base = data(n, c)
         bank = ReferenceBank(c, metric="cosine", index=kind, **KINDS[kind])
         bank.add(base)
@@ -48,35 +62,41 @@ def built(kind, n, c):
     return _CACHE[key]
 
 
+def _skip_exact_full(n, c, kind, n_query):
+    if n > 100_000 and kind == "exact" and n_query == 4096 and c == 1024:
+        pytest.skip("4 TFLOP per image: minutes on 2 cores")
+
+
+@pytest.mark.parametrize("n_query", [576, 4096])
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("n_query", [576, 4096])
-def test_bank_search(bench, bench_size, kind, n_query):
-    for n, c in sizes(bench_size):
-        if n > 100_000 and kind == "exact" and n_query == 4096 and c == 1024:
-            continue  # 4 TFLOP per image: minutes on 2 cores
-        base, bank = built(kind, n, c)
-        q = data(n_query, c, seed=1) + 0.01
-        res = bank.search(q, k=1)
-        truth = nn_distance(q, base, k=1, metric="cosine").indices[:, 0]
-        recall = float((res.indices[:, 0] == truth).float().mean())
-        bench(lambda: bank.search(q, k=1), group=f"bank search {n}x{c}, {n_query} queries",
-              impl=f"fastad {kind}", role="fastad", rounds=2, recall=recall)
+def test_bank_search(bench, size, kind, n_query):
+    n, c = size
+    _skip_exact_full(n, c, kind, n_query)
+    base, bank = built(kind, n, c)
+    q = data(n_query, c, seed=1) + 0.01
+    res = bank.search(q, k=1)
+    truth = nn_distance(q, base, k=1, metric="cosine").indices[:, 0]
+    recall = float((res.indices[:, 0] == truth).float().mean())
+    print(f"\n{kind} {n}x{c}: recall@1 {recall:.3f}, index {index_mib(bank):.1f} MiB")
+    bench(lambda: bank.search(q, k=1), group=f"bank search {n}x{c}, {n_query} queries",
+          impl=f"fastad {kind}", role="fastad", rounds=2, recall=recall, index_mib=index_mib(bank))
 
 
 @pytest.mark.parametrize("n_query", [576, 4096])
-def test_faiss_flat_search(bench, bench_size, n_query):
-    for n, c in sizes(bench_size):
-        base = built("exact", n, c)[0]
-        index = faiss.IndexFlatIP(c)
-        index.add(base.numpy())
-        q = F.normalize(data(n_query, c, seed=1) + 0.01, dim=-1).numpy()
-        bench(lambda: index.search(q, 1), group=f"bank search {n}x{c}, {n_query} queries",
-              impl="faiss IndexFlatIP", role="peer", rounds=2)
+def test_faiss_flat_search(bench, size, n_query):
+    n, c = size
+    _skip_exact_full(n, c, "exact", n_query)
+    base = data(n, c)
+    index = faiss.IndexFlatIP(c)
+    index.add(base.numpy())
+    q = F.normalize(data(n_query, c, seed=1) + 0.01, dim=-1).numpy()
+    bench(lambda: index.search(q, 1), group=f"bank search {n}x{c}, {n_query} queries",
+          impl="faiss IndexFlatIP", role="peer", rounds=2)
 
 
-@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
-def test_bank_build(bench, bench_size, kind):
-    n, c = sizes(bench_size)[0]
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_bank_build(bench, size, kind):
+    n, c = size
     base = data(n, c)
 
     def build():
@@ -85,3 +105,15 @@ def test_bank_build(bench, bench_size, kind):
         return bank.build(progress=False)
 
     bench(build, group=f"bank build {n}x{c}", impl=f"fastad {kind}", role="fastad", rounds=1)
+
+
+def test_faiss_flat_build(bench, size):
+    n, c = size
+    base = data(n, c).numpy()
+
+    def build():
+        index = faiss.IndexFlatIP(c)
+        index.add(base)
+        return index
+
+    bench(build, group=f"bank build {n}x{c}", impl="faiss IndexFlatIP", role="peer", rounds=1)

@@ -39,26 +39,41 @@ def _benchmarks_dir() -> Path:
 def _cmd_bench(args: argparse.Namespace) -> int:
     bench_dir = _benchmarks_dir()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "benchmarks.json"
-    cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", "--benchmark-only",
-           f"--benchmark-json={json_path}", f"--bench-size={'full' if args.full else 'quick'}",
-           f"--bench-device={args.device}", "-p", "no:cacheprovider"]
-    if args.k:
-        cmd += ["-k", args.k]
-    rc = subprocess.call(cmd, cwd=bench_dir.parent)
-    if not json_path.is_file():
+    (out / "json").mkdir(parents=True, exist_ok=True)
+    suites = sorted(bench_dir.glob("bench_*.py"))
+    if args.suite:
+        suites = [p for p in suites if any(s in p.stem for s in args.suite)]
+        if not suites:
+            raise SystemExit(f"no benchmark suite matches {args.suite} in {bench_dir}")
+    rc = 0
+    written = []
+    # one process per suite: the peak-memory figures (resident-set high-water marks) and
+    # the allocator state of one suite must not leak into the next
+    for suite in suites:
+        json_path = out / "json" / f"{suite.stem}.json"
+        json_path.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "pytest", str(suite), "-q", "--benchmark-only",
+               f"--benchmark-json={json_path}", f"--bench-size={'full' if args.full else 'quick'}",
+               f"--bench-device={args.device}", "-p", "no:cacheprovider"]
+        if args.k:
+            cmd += ["-k", args.k]
+        code = subprocess.call(cmd, cwd=bench_dir.parent)
+        rc = rc if code in (0, 5) else code  # 5: -k selected nothing in this suite
+        if json_path.is_file():
+            written.append(json_path)
+    if not written:
         print("no benchmark results were written", file=sys.stderr)
         return rc or 1
     sys.path.insert(0, str(bench_dir))
     from report import environment_line, markdown_table, plot_groups, rows_from_json
 
-    rows = rows_from_json(str(json_path))
-    table = environment_line(str(json_path)) + "\n\n" + markdown_table(rows)
+    rows = [r for p in written for r in rows_from_json(str(p))]
+    table = environment_line(str(written[0])) + "\n\n" + markdown_table(rows)
     (out / "benchmarks.md").write_text(table + "\n")
     plots = plot_groups(rows, out)
     print(table)
-    print(f"\nwrote {json_path}, {out / 'benchmarks.md'} and {len(plots)} plot(s) in {out}")
+    print(f"\nwrote {len(written)} pytest-benchmark JSON file(s) in {out / 'json'}, {out / 'benchmarks.md'} "
+          f"and {len(plots)} plot(s) in {out}")
     return rc
 
 
@@ -109,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="bench-out")
     p.add_argument("-k", default=None, help="pytest -k expression to select benchmarks")
+    p.add_argument("--suite", action="append", default=[],
+                   help="run only the suites whose file name contains this (repeatable), e.g. nn_distance")
     p.set_defaults(fn=_cmd_bench)
 
     p = sub.add_parser("evaluate", help="run a reference model on one category of an MVTec AD / VisA folder")

@@ -185,31 +185,28 @@ def _check_file(path: str | None, what: str) -> None:
         raise EvaluationError(f"{what} {path} does not exist")
 
 
-def _load_checkpoint(model: Any, path: str, method: str) -> None:
+@contextmanager
+def _checkpoint_errors(path: str, method: str) -> Iterator[None]:
+    """Checkpoint problems as EvaluationErrors that name the file."""
     from fastad.models.checkpoint import CheckpointKeyError
 
     try:
-        model.load_checkpoint(path)
+        yield
     except CheckpointKeyError as exc:
-        raise EvaluationError(f"checkpoint {path} is not a {method} checkpoint of this configuration:\n  {exc}") from exc
+        raise EvaluationError(f"checkpoint {path} is not a checkpoint of {method} in this configuration:\n  {exc}") from exc
     except Exception as exc:  # unpickling errors of a corrupt or foreign file
-        if isinstance(exc, EvaluationError):
-            raise
         raise EvaluationError(f"cannot read checkpoint {path} for {method}: {exc}") from exc
 
 
 def _load_icas_checkpoint(model: Any, path: str) -> None:
-    from fastad.models.checkpoint import CheckpointKeyError, load_mapped_state_dict, read_state_dict
+    """A state dict of ``fastad.models.ICAS`` (encoder keys optional: the frozen encoder
+    keeps the ``--backbone`` weights when the checkpoint leaves it out)."""
+    from fastad.models.checkpoint import load_mapped_state_dict, read_state_dict
 
-    try:
-        state = read_state_dict(path, containers=("model", "state_dict", "model_state"))
-        has_encoder = any(k.startswith("encoder.") for k in state)
-        load_mapped_state_dict(model, state, lambda k: k, "ICAS checkpoint",
-                               optional=lambda k: k.startswith("encoder.") and not has_encoder)
-    except CheckpointKeyError as exc:
-        raise EvaluationError(f"checkpoint {path} is not an icas checkpoint of this configuration:\n  {exc}") from exc
-    except (OSError, RuntimeError, TypeError, ValueError) as exc:
-        raise EvaluationError(f"cannot read checkpoint {path} for icas: {exc}") from exc
+    state = read_state_dict(path, containers=("model", "state_dict", "model_state"))
+    has_encoder = any(k.startswith("encoder.") for k in state)
+    load_mapped_state_dict(model, state, lambda k: k, "ICAS checkpoint",
+                           optional=lambda k: k.startswith("encoder.") and not has_encoder)
 
 
 def build_runner(method: str, category: str, *, checkpoint: str | None = None, backbone: str | None = None,
@@ -242,14 +239,16 @@ def build_runner(method: str, category: str, *, checkpoint: str | None = None, b
             else:
                 model = DictAS(pretrained=backbone, backend=backend, **config)
             if checkpoint is not None:
-                _load_checkpoint(model, checkpoint, method)
+                with _checkpoint_errors(checkpoint, method):
+                    model.load_checkpoint(checkpoint)
             return CLIPRunner(model.to(device), category, class_name=category.replace("_", " "))
         if method == "icas":
             from fastad.models import ICAS
 
             model = ICAS(checkpoint_path=backbone, backend=backend, **config)
             if checkpoint is not None:
-                _load_icas_checkpoint(model, checkpoint)
+                with _checkpoint_errors(checkpoint, method):
+                    _load_icas_checkpoint(model, checkpoint)
             return ICASRunner(model.to(device))
         from fastad.models import SAAPlus
         from fastad.models.saa_plus import BoxMaskRefiner, GroundingDINOProposer, SAMRefiner

@@ -113,7 +113,7 @@ def test_checkpoint_is_loaded_and_a_foreign_one_is_refused(data, tmp_path, capsy
     torch.save(build_runner("dictas", "brick", config=TINY_CLIP_KW).model.state_dict(), foreign)
     rc, _, err = run_cli(["--method", "inctrlv2", "--data", str(data), "--category", "brick",
                           "--checkpoint", str(foreign), "--out", str(tmp_path / "o"), *TINY_CLIP], capsys)
-    assert rc == 2 and str(foreign) in err and "not a inctrlv2 checkpoint" in err and "unexpected keys" in err
+    assert rc == 2 and str(foreign) in err and "not a checkpoint of inctrlv2" in err and "unexpected keys" in err
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(EvaluationError, match="garbage.pt"):
@@ -203,3 +203,19 @@ def test_saa_plus_zero_shot_normalises_over_the_category(data, tmp_path, capsys)
     rc, _, err = run_cli(["--method", "saa_plus", "--data", str(data), "--category", "carpet",
                           "--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and "--proposer-config" in err
+
+
+def test_icas_checkpoint_round_trip_and_refusal(tmp_path):
+    kw = parse_overrides(TINY_ICAS[1::2])
+    torch.manual_seed(1)
+    trained = build_runner("icas", "brick", config=kw).model
+    ckpt = tmp_path / "icas.pt"
+    torch.save({k: v for k, v in trained.state_dict().items() if not k.startswith("encoder.")}, ckpt)
+    torch.manual_seed(2)
+    loaded = build_runner("icas", "brick", config=kw, checkpoint=str(ckpt)).model
+    torch.testing.assert_close(loaded.fg_bg, trained.fg_bg)
+    assert not torch.equal(loaded.encoder.patch_embed.proj.weight, trained.encoder.patch_embed.proj.weight)
+    foreign = tmp_path / "clip.pt"
+    torch.save(build_runner("dictas", "brick", config=TINY_CLIP_KW).model.state_dict(), foreign)
+    with pytest.raises(EvaluationError, match="clip.pt is not a checkpoint of icas"):
+        build_runner("icas", "brick", config=kw, checkpoint=str(foreign))
