@@ -385,11 +385,10 @@ def evaluate(runner: Runner, data: str | Path, category: str, out: str | Path | 
         split, layout = load_split(data, category, layout)
         size = runner.size
         refs = choose_references(split, shots, seed, references, data) if runner.shots_used else []
+        ref_images = _read_images(refs, size) if refs else None
         masks = _read_masks(split, size)
         labels = torch.tensor([s.label for s in split.test])
-    if refs:
-        with meter("read data"):
-            ref_images = _read_images(refs, size)
+    if ref_images is not None:
         runner.set_references(ref_images, meter)
     scores, maps = [], []
     bar = tqdm(total=len(split.test), desc=f"{method or 'evaluate'} {category}", unit="img", disable=not progress)
@@ -419,6 +418,8 @@ def evaluate(runner: Runner, data: str | Path, category: str, out: str | Path | 
         if overlays:
             with meter("write overlays"):
                 lo, hi = float(maps_t.min()), float(maps_t.max())
+                # the colour scale needs every map first; images are read again rather than
+                # kept through the run (hundreds of MiB at 518 px for a VisA category)
                 for j, smp in enumerate(tqdm(split.test, desc="overlays", disable=not progress)):
                     img = _read_images([smp.path], size)[0]
                     write_overlay(out / "maps" / smp.defect / f"{smp.path.stem}.png", img, maps_t[j], masks[j], lo, hi)
