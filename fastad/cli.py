@@ -1,4 +1,4 @@
-"""The ``fastad`` command line: ``demo``, ``demo-data``, ``bench`` and ``evaluate``."""
+"""The ``fastad`` command line: ``demo``, ``demo-data``, ``bench``, ``evaluate``, ``sweep`` and ``score``."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +98,27 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fastad.distributed.cli import run_sweep
+
+    return _user_errors("sweep", run_sweep, args)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from fastad.distributed.cli import run_score
+
+    return _user_errors("score", run_score, args)
+
+
+def _user_errors(cmd: str, fn, args: argparse.Namespace) -> int:
+    """Exit code 2 and a one-line message for the user's mistakes (no traceback)."""
+    try:
+        return fn(args)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"fastad {cmd}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="fastad", description=__doc__)
@@ -153,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-overlays", action="store_true", help="skip the PNG overlays")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=_cmd_evaluate)
+
+    from fastad.distributed.cli import add_score_parser, add_sweep_parser
+
+    add_sweep_parser(sub).set_defaults(fn=_cmd_sweep)
+    add_score_parser(sub).set_defaults(fn=_cmd_score)
 
     args = parser.parse_args(argv)
     return args.fn(args)
