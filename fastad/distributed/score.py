@@ -29,14 +29,15 @@ SCORE_METHODS = ("inctrlv2", "dictas", "icas")
 
 @dataclass
 class ScoreSpec:
-    """The model every actor builds: ``method`` / ``checkpoint`` / ``config`` as in
-    ``fastad.evaluate.build_runner``, ``category`` (the prompt's class name), the reference
-    images, and the torch seed of parts without trained weights."""
+    """The model every actor builds: ``method`` / ``checkpoint`` / ``backbone`` / ``config`` as
+    in ``fastad.evaluate.build_runner``, ``category`` (the prompt's class name), the reference
+    images (a folder, list file, glob or paths), and the torch seed of parts without weights."""
 
     method: str
-    references: list[str]
+    references: str | list[str]
     category: str = "object"
     checkpoint: str | None = None
+    backbone: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
 
@@ -44,7 +45,8 @@ class ScoreSpec:
         from fastad.evaluate import build_runner
 
         torch.manual_seed(self.init_seed)
-        return build_runner(self.method, self.category, checkpoint=self.checkpoint, config=self.config, device=device)
+        return build_runner(self.method, self.category, checkpoint=self.checkpoint, backbone=self.backbone,
+                            config=self.config, device=device)
 
 
 def resolve_images(spec: str | Path | Sequence[str | Path], what: str) -> list[str]:

@@ -52,12 +52,14 @@ class SweepJob:
 
 @dataclass
 class JobOptions:
-    """What every job of a sweep shares. ``config`` / ``checkpoints``: per method.
+    """What every job of a sweep shares. ``config`` / ``checkpoints`` / ``backbones`` (frozen
+    backbone weights): per method.
     ``init_seed`` seeds torch before each model is built, so parts without trained weights
     (tiny test configs, heads without a checkpoint) are the same in every job."""
 
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
     checkpoints: dict[str, str] = field(default_factory=dict)
+    backbones: dict[str, str] = field(default_factory=dict)
     cache_dir: str | None = "~/.cache/fastad/features"
     batch_size: int = 8
     overlays: bool = True
@@ -79,10 +81,10 @@ class SweepResult:
 
 
 # --------------------------------------------------------------------------- options
-def parse_method_options(config: Sequence[str], checkpoints: Sequence[str],
-                         methods: Sequence[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+def parse_method_options(config: Sequence[str], checkpoints: Sequence[str], methods: Sequence[str],
+                         option: str = "--checkpoint") -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """``--config METHOD.KEY=VALUE`` (``KEY=VALUE``: every method) and ``--checkpoint METHOD=PATH``
-    -> ({method: overrides}, {method: path})."""
+    (or another ``option`` of that form) -> ({method: overrides}, {method: path})."""
     per: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for item in config:
         key, sep, value = item.partition("=")
@@ -97,10 +99,10 @@ def parse_method_options(config: Sequence[str], checkpoints: Sequence[str],
     for item in checkpoints:
         method, sep, path = item.partition("=")
         if not sep or method not in methods:
-            raise ValueError(f"--checkpoint expects METHOD=PATH with METHOD in --methods "
+            raise ValueError(f"{option} expects METHOD=PATH with METHOD in --methods "
                              f"{','.join(methods)}, got {item!r}")
         if not Path(path).is_file():
-            raise FileNotFoundError(f"--checkpoint {item}: file {path} does not exist")
+            raise FileNotFoundError(f"{option} {item}: file {path} does not exist")
         ckpts[method] = str(Path(path).resolve())
     return per, ckpts
 
@@ -181,7 +183,8 @@ def run_job(job: SweepJob, out: str, options: JobOptions) -> dict[str, Any]:
     device = task_device()
     torch.manual_seed(options.init_seed)
     runner = build_runner(job.method, job.category, checkpoint=options.checkpoints.get(job.method),
-                          config=options.config.get(job.method, {}), device=device)
+                          backbone=options.backbones.get(job.method), config=options.config.get(job.method, {}),
+                          device=device)
     if options.cache_dir is not None and isinstance(runner, CLIPRunner):
         runner.feature_cache = FeatureCache(Path(options.cache_dir).expanduser(), _clip_cache_key(runner))
     try:
