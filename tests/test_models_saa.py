@@ -449,6 +449,38 @@ def test_authors_input_convention_reproduces_the_authors_pipeline():
     torch.testing.assert_close(sal[36, ::9], torch.tensor(GOLDEN_SAL_ROW36, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
+# The same for VisA candle (multi-instance saliency at the authors' 1024 px; detector table below,
+# box-filling masks): agreement 3e-8 (map) / 8e-7 (saliency).
+GOLDEN_CANDLE_TABLE = {
+    "candle,": ([[0.25, 0.25, 0.4, 0.4], [0.75, 0.25, 0.4, 0.4], [0.25, 0.75, 0.4, 0.4], [0.75, 0.75, 0.4, 0.4],
+                 [0.5, 0.5, 1.0, 1.0]], [2.0, 1.5, 1.0, 0.5, 3.0], ["candle"] * 5),
+    "defect on candle": ([[0.3, 0.2, 0.1, 0.1], [0.7, 0.7, 0.15, 0.1]], [0.2, 0.1], ["defect", "defect"]),
+    "color defect. hole. black defect. wick hole. spot.": ([[0.2, 0.8, 0.1, 0.05]], [0.4], ["hole"]),
+}
+GOLDEN_CANDLE_MAP_SUM, GOLDEN_CANDLE_MAP_MAX = 6.091936, 0.324295
+GOLDEN_CANDLE_SAL_SUM, GOLDEN_CANDLE_SAL_MAX = 90.223640, 0.105253
+GOLDEN_CANDLE_SAL_ROW20 = [0.0, 0.011258, 0.015618, 0.050395, 0.012046, 0.0, 0.027056, 0.060467, 0.032817,
+                           0.021863]  # similarity_map[20, ::9]
+
+
+@pytest.mark.slow
+def test_authors_input_convention_multi_instance_golden():
+    table = {cap: Proposals(torch.tensor(b, dtype=torch.float32), torch.sigmoid(torch.tensor(x)), ph)
+             for cap, (b, x, ph) in GOLDEN_CANDLE_TABLE.items()}
+    feats = SaliencyFeatures("resnet18")
+    feats.backbone = TinyCNN()
+    model = SAAPlus("candle", StaticProposer(table), BoxMaskRefiner(), dataset="visa", feature_extractor=feats,
+                    out_size=64, backend="fastad")
+    out = model(GOLDEN_IMAGE()[None])
+    amap, sal = out.anomaly_maps[0].double(), out.saliency_maps[0].double()
+    assert float(amap.sum()) == pytest.approx(GOLDEN_CANDLE_MAP_SUM, abs=1e-4)
+    assert float(amap.max()) == pytest.approx(GOLDEN_CANDLE_MAP_MAX, abs=1e-5)
+    assert float(sal.sum()) == pytest.approx(GOLDEN_CANDLE_SAL_SUM, abs=1e-3)
+    assert float(sal.max()) == pytest.approx(GOLDEN_CANDLE_SAL_MAX, abs=1e-5)
+    torch.testing.assert_close(sal[20, ::9], torch.tensor(GOLDEN_CANDLE_SAL_ROW20, dtype=torch.float64), atol=1e-5,
+                               rtol=0)
+
+
 def test_rgb_input_convention_differs_from_the_authors():
     model = _golden_model("rgb")
     model.backend = "fastad"
