@@ -118,6 +118,9 @@ class CLIPRunner(_Runner):
     @torch.no_grad()
     def set_references(self, images: torch.Tensor, meter: StageMeter) -> None:
         with meter("references (encode + cache)"):
+            prepare = getattr(self.model, "prepare_references", None)  # DictAS: the authors' screw rotations
+            if prepare is not None:
+                images = prepare(images, self.category)
             self.model.set_references(self._encode(images), category=self.category, class_name=self.class_name)
 
     @torch.no_grad()
@@ -227,7 +230,9 @@ def build_runner(method: str, category: str, *, checkpoint: str | None = None, b
     ``backbone``: the frozen backbone's weights (CLIP for InCTRLv2 / DictAS, DINOv2 for iCAS,
     WideResNet-50-2 for SAA+'s saliency). ``config``: constructor overrides of the model
     (e.g. ``{"backbone": "fastad-tiny", "image_size": 64}``; InCTRLv2 takes ``preset`` v1 / v2).
-    SAA+ needs GroundingDINO (``proposer_config`` + ``proposer_checkpoint``) and SAM
+    ``dataset``: SAA+'s prompt table; DictAS applies the authors' rules of that dataset and
+    ``category`` (alpha = 0 for the categories they list, rotated references for screw: see
+    ``DictAS.apply_dataset_rules`` / ``prepare_references``). SAA+ needs GroundingDINO (``proposer_config`` + ``proposer_checkpoint``) and SAM
     (``sam_checkpoint``, else boxes are filled as masks).
     """
     if method not in METHODS:
@@ -245,6 +250,7 @@ def build_runner(method: str, category: str, *, checkpoint: str | None = None, b
                 model = InCTRLv2(config.pop("preset", "v2"), pretrained=backbone, backend=backend, **config)
             else:
                 model = DictAS(pretrained=backbone, backend=backend, **config)
+                model.apply_dataset_rules(dataset, category)
             if checkpoint is not None:
                 with _checkpoint_errors(checkpoint, method):
                     model.load_checkpoint(checkpoint)
