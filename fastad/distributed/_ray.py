@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Iterator
 
 
@@ -50,7 +49,3 @@ def task_device() -> str:
         return "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the GPU(s) it assigned
     return "cpu"
 
-
-def cache_root(path: str | os.PathLike | None) -> str | None:
-    """The node-local feature cache folder (``None`` = no cache)."""
-    return None if path is None else os.path.expanduser(str(path))

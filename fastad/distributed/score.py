@@ -9,6 +9,7 @@ score, decision (``score >= threshold``) and the two map paths.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import uuid
@@ -143,7 +144,7 @@ def score(spec: ScoreSpec, images: str | Path | Sequence[str | Path], out: str |
     if batch_size < 1 or actors < 1:
         raise ValueError(f"--batch-size and --actors must be >= 1, got {batch_size} and {actors}")
     paths = resolve_images(images, "--images")
-    spec.references = resolve_images(spec.references, "--references")
+    spec = dataclasses.replace(spec, references=resolve_images(spec.references, "--references"))
     # built once here too: bad options fail before any Ray work, and the read step needs the input size
     size = spec.build("cpu").size
     out = Path(out).resolve()
