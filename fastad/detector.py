@@ -17,7 +17,8 @@ The bundle folder (written atomically with ``fastad._io.atomic_dir``):
 * ``detector.json`` — method, every resolved option, the weights' paths and sha256, the
   thresholds and how they were calibrated, the versions;
 * ``bank/`` — patchnn: the ``ReferenceBank`` of normal patch features, in the bank's own format;
-* ``references/`` — the four models: copies of the normal (reference) images.
+* ``references/`` — the four models: copies of the normal (reference) images, and
+  ``weights.pt``, the weights that no ``--checkpoint`` / ``--backbone-weights`` file holds.
 
 Thresholds: from held-out normal images at a target false-positive rate (image threshold:
 the ``1 - fpr`` quantile of their scores; pixel threshold: that of their map values), or from
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastad._io import atomic_dir, atomic_write
+from fastad._io import atomic_dir, atomic_save, atomic_write
 from fastad.evaluate import check_device
 
 __all__ = ["METHODS", "Detector", "Prediction", "fit", "load_detector", "list_images", "write_predictions",
@@ -162,6 +163,7 @@ class _ModelScorer:
         from fastad.evaluate import build_runner
 
         self.method = method
+        self.has_checkpoint, self.has_backbone = checkpoint is not None, backbone is not None
         self.runner = build_runner(method, "object", checkpoint=checkpoint, backbone=backbone, config=dict(options),
                                    device=device, backend=backend)
         self.size = int(self.runner.size)
@@ -177,13 +179,22 @@ class _ModelScorer:
     def fit(self, paths: Sequence[Path], batch_size: int, progress: bool) -> None:
         self._set(paths)
 
+    _FROZEN = ("backbone.", "encoder.")  # the parts --backbone-weights fills
+
     def save(self, folder: Path) -> None:
         ref = folder / "references"
         ref.mkdir()
         for i, p in enumerate(self.references):
             shutil.copy2(p, ref / f"{i:04d}{p.suffix.lower()}")
+        if not self.has_checkpoint:  # weights no file holds (a random init) are kept in the bundle
+            state = {k: v for k, v in self.runner.model.state_dict().items()
+                     if not (self.has_backbone and k.startswith(self._FROZEN))}
+            atomic_save(state, folder / "weights.pt")
 
     def load(self, folder: Path) -> None:
+        if (folder / "weights.pt").is_file():
+            state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
+            self.runner.model.load_state_dict(state, strict=not self.has_backbone)
         self._set(sorted((folder / "references").iterdir()))
 
     @torch.no_grad()

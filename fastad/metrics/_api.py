@@ -457,7 +457,8 @@ def evaluate(scores: ArrayLike | None, maps: ArrayLike | None, labels: ArrayLike
             steps.append(("region_f1", lambda: guarded(("region_f1",), lambda: (_region_f1(
                 op, m, state["regions"], float(region_iou), int(region_thresholds), cpp_cpu),))))
 
-    bar = tqdm(steps, desc="fastad.metrics.evaluate", disable=not progress, leave=False)
+    # mininterval=0: a few slow steps, each shown as it starts and ends
+    bar = tqdm(steps, desc="fastad.metrics.evaluate", disable=not progress, leave=False, mininterval=0)
     for name, fn in bar:
         bar.set_postfix_str(name)
         fn()
