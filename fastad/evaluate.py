@@ -201,7 +201,8 @@ def _valid_keys(method: str) -> list[str]:
     cls = {"inctrlv2": models.InCTRLv2, "dictas": models.DictAS, "icas": models.ICAS, "saa_plus": models.SAAPlus}[method]
     keys = {n for n, p in inspect.signature(cls).parameters.items()
             if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    keys -= {"pretrained", "checkpoint_path", "backend", "config", "category", "proposer", "refiner", "dataset"}
+    keys -= {"pretrained", "checkpoint_path", "backbone_weights", "backend", "config", "category", "proposer",
+             "refiner", "dataset"}
     if method in ("inctrlv2", "dictas"):
         from fastad.models.dictas import DictASConfig
         from fastad.models.inctrlv2 import InCTRLConfig
@@ -268,9 +269,9 @@ def build_runner(method: str, category: str, *, checkpoint: str | None = None, b
             from fastad.models import DictAS, InCTRLv2
 
             if method == "inctrlv2":
-                model = InCTRLv2(config.pop("preset", "v2"), pretrained=backbone, backend=backend, **config)
+                model = InCTRLv2(config.pop("preset", "v2"), backbone_weights=backbone, backend=backend, **config)
             else:
-                model = DictAS(pretrained=backbone, backend=backend, **config)
+                model = DictAS(backbone_weights=backbone, backend=backend, **config)
             if checkpoint is not None:
                 with _checkpoint_errors(checkpoint, method):
                     model.load_checkpoint(checkpoint)
@@ -278,7 +279,7 @@ def build_runner(method: str, category: str, *, checkpoint: str | None = None, b
         if method == "icas":
             from fastad.models import ICAS
 
-            model = ICAS(checkpoint_path=backbone, backend=backend, **config)
+            model = ICAS(backbone_weights=backbone, backend=backend, **config)
             if checkpoint is not None:
                 with _checkpoint_errors(checkpoint, method):
                     _load_icas_checkpoint(model, checkpoint)
@@ -292,7 +293,7 @@ def build_runner(method: str, category: str, *, checkpoint: str | None = None, b
         proposer = GroundingDINOProposer.from_config(proposer_config, proposer_checkpoint, device=device)
         refiner = SAMRefiner.from_checkpoint(sam_type, sam_checkpoint, device=device) if sam_checkpoint \
             else BoxMaskRefiner()
-        model = SAAPlus(category, proposer, refiner, dataset=dataset, checkpoint_path=backbone, backend=backend,
+        model = SAAPlus(category, proposer, refiner, dataset=dataset, backbone_weights=backbone, backend=backend,
                         **config)
         return SAAPlusRunner(model.to(device))
     except EvaluationError:

@@ -177,3 +177,20 @@ def test_a_bug_still_shows_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "_cmd_demo_data", boom)
     with pytest.raises(KeyError):
         cli.main(["demo-data", "x"])
+
+
+def test_models_take_backbone_weights_and_the_old_names_warn(tmp_path):
+    from fastad.models import InCTRLv2
+    from fastad.models.checkpoint import backbone_weights_arg
+
+    tiny = dict(backbone="fastad-tiny", image_size=64, layers=(1, 2, 3, 4))
+    torch.manual_seed(0)
+    weights = tmp_path / "clip.pt"
+    torch.save(InCTRLv2("v2", **tiny).backbone.clip.state_dict(), weights)
+    torch.manual_seed(1)
+    new = InCTRLv2("v2", backbone_weights=str(weights), **tiny)
+    with pytest.warns(DeprecationWarning, match="backbone_weights"):
+        old = InCTRLv2("v2", pretrained=str(weights), **tiny)
+    torch.testing.assert_close(new.backbone.clip.visual.proj, old.backbone.clip.visual.proj)
+    with pytest.raises(TypeError, match="backbone_weights only"):
+        backbone_weights_arg("ICAS", "a.pt", "checkpoint_path", "b.pt")
