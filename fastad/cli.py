@@ -59,7 +59,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     det = fit(args.method, args.normal, args.out, checkpoint=args.checkpoint, backbone=args.backbone_weights,
               config=parse_overrides(args.config), calibrate=args.calibrate, fpr=args.fpr, device=args.device,
               backend=args.backend, batch_size=args.batch_size, progress=not args.no_progress,
-              overwrite=args.overwrite)
+              overwrite=args.overwrite, category=args.category, proposer_config=args.proposer_config,
+              proposer_checkpoint=args.proposer_checkpoint, sam_checkpoint=args.sam_checkpoint,
+              sam_type=args.sam_type, dataset=args.dataset)
     th = det.thresholds
     if th:
         print(f"thresholds ({th['source']}, target FPR {th['fpr']}): image {th['image']:.6g}, "
@@ -75,6 +77,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from fastad.detector import load_detector, write_predictions
 
+    print(f"fastad predict: loading the detector {args.detector}", file=sys.stderr, flush=True)
     det = load_detector(args.detector, device=args.device)
     if args.out is not None and Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"--out {args.out} already exists; give --overwrite to replace it")
@@ -228,6 +231,14 @@ def _config_option(p: argparse.ArgumentParser, example: str) -> None:
                    help=f"constructor option, repeatable (values are Python literals), e.g. {example}")
 
 
+def _saa_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="mvtec", help="saa_plus: prompt table (mvtec, visa, ksdd2, mtd)")
+    p.add_argument("--proposer-config", default=None, help="saa_plus: GroundingDINO config file")
+    p.add_argument("--proposer-checkpoint", default=None, help="saa_plus: GroundingDINO weights")
+    p.add_argument("--sam-checkpoint", default=None, help="saa_plus: SAM weights (default: boxes as masks)")
+    p.add_argument("--sam-type", default="vit_h", help="saa_plus: SAM variant of --sam-checkpoint")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastad import __version__
     from fastad.detector import METHODS, PATCHNN_DEFAULTS
@@ -254,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--backend", default="fastad", choices=("fastad", "reference"),
                    help="the four models: fastad's fast path (default) or the reference transcription")
+    p.add_argument("--category", default="object",
+                   help="the four models: the object's name in their text prompts (e.g. bottle)")
+    _saa_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -324,11 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", default=None, help="file listing the reference images, one per line")
     _weights_options(p, "CLIP (inctrlv2, dictas), DINOv2 (icas), WideResNet-50-2 (saa_plus)")
     _config_option(p, "image_size=240; inctrlv2: preset=v1")
-    p.add_argument("--dataset", default="mvtec", help="saa_plus: prompt table (mvtec, visa, ksdd2, mtd)")
-    p.add_argument("--proposer-config", default=None, help="saa_plus: GroundingDINO config file")
-    p.add_argument("--proposer-checkpoint", default=None, help="saa_plus: GroundingDINO weights")
-    p.add_argument("--sam-checkpoint", default=None, help="saa_plus: SAM weights (default: boxes as masks)")
-    p.add_argument("--sam-type", default="vit_h", help="saa_plus: SAM variant of --sam-checkpoint")
+    _saa_options(p)
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--backend", default="fastad", choices=("fastad", "reference"),
                    help="the model's fast path (default) or the reference transcription (the Python "

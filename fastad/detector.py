@@ -159,13 +159,13 @@ class _ModelScorer:
     images are its few-shot references (copied into the bundle)."""
 
     def __init__(self, method: str, options: dict[str, Any], checkpoint: str | None, backbone: str | None,
-                 device: str, backend: str) -> None:
+                 device: str, backend: str, category: str, saa: dict[str, Any]) -> None:
         from fastad.evaluate import build_runner
 
         self.method = method
         self.has_checkpoint, self.has_backbone = checkpoint is not None, backbone is not None
-        self.runner = build_runner(method, "object", checkpoint=checkpoint, backbone=backbone, config=dict(options),
-                                   device=device, backend=backend)
+        self.runner = build_runner(method, category, checkpoint=checkpoint, backbone=backbone, config=dict(options),
+                                   device=device, backend=backend, **saa)
         self.size = int(self.runner.size)
         self.references: list[Path] = []
 
@@ -404,7 +404,7 @@ def _resolve_options(method: str, config: dict[str, Any] | None) -> dict[str, An
 
 
 def _build(method: str, options: dict[str, Any], checkpoint: str | None, backbone: str | None, device: str,
-           backend: str) -> Any:
+           backend: str, category: str = "object", saa: dict[str, Any] | None = None) -> Any:
     if method not in METHODS:
         raise ValueError(f"--method: unknown method {method!r}; expected one of {METHODS}")
     check_device(device)
@@ -417,7 +417,7 @@ def _build(method: str, options: dict[str, Any], checkpoint: str | None, backbon
                              "EfficientNet-Lite0 weights with --backbone (or nothing: the pip package's)")
         options = {**options, "stages": tuple(options["stages"])}
         return _PatchNNScorer(options, backbone, device)
-    return _ModelScorer(method, options, checkpoint, backbone, device, backend)
+    return _ModelScorer(method, options, checkpoint, backbone, device, backend, category, saa or {})
 
 
 def _check_device(device: str) -> None:
@@ -434,11 +434,15 @@ def fit(method: str, normal: str | os.PathLike | Sequence[str | os.PathLike], ou
         *, checkpoint: str | None = None, backbone: str | None = None, config: dict[str, Any] | None = None,
         calibrate: str | os.PathLike | Sequence[str | os.PathLike] | None = None, fpr: float = 0.01,
         device: str = "cpu", backend: str = "fastad", batch_size: int = 8, progress: bool = True,
-        overwrite: bool = False) -> Detector:
+        overwrite: bool = False, category: str = "object", proposer_config: str | None = None,
+        proposer_checkpoint: str | None = None, sam_checkpoint: str | None = None, sam_type: str = "vit_h",
+        dataset: str = "mvtec") -> Detector:
     """Fit ``method`` on the ``normal`` images (folder, glob or list), calibrate the thresholds
     on the ``calibrate`` images (held-out normals) at false-positive rate ``fpr``, and save the
     bundle to ``out`` when given. Without ``calibrate`` the detector has no thresholds (predict
-    then gives scores and maps only, or decisions at an explicit threshold)."""
+    then gives scores and maps only, or decisions at an explicit threshold). The four models:
+    ``category`` names the object in their text prompts; SAA+ takes GroundingDINO / SAM files
+    and its prompt table (``dataset``) as ``fastad evaluate`` does."""
     if out is not None and Path(out).exists() and not overwrite:
         raise FileExistsError(f"--out {out} already exists; give --overwrite to replace it")
     if not 0 < fpr < 1:
@@ -452,11 +456,15 @@ def fit(method: str, normal: str | os.PathLike | Sequence[str | os.PathLike], ou
                          "(their scores would be too low and the threshold too tight)")
     options = _resolve_options(method, config)
     print(f"fastad fit: building {method} on {device}, {len(paths)} normal images", file=sys.stderr, flush=True)
-    scorer = _build(method, options, checkpoint, backbone, device, backend)
+    saa = {} if method != "saa_plus" else {"proposer_config": proposer_config, "dataset": dataset,
+                                           "proposer_checkpoint": proposer_checkpoint,
+                                           "sam_checkpoint": sam_checkpoint, "sam_type": sam_type}
+    scorer = _build(method, options, checkpoint, backbone, device, backend, category, saa)
     weights = getattr(scorer, "weights", backbone)
     record = {"options": options, "image_size": scorer.size, "device": device, "backend": backend,
-              "normal_images": [str(p) for p in paths],
-              "checkpoint": _weights_record(checkpoint), "backbone": _weights_record(weights)}
+              "category": category, "normal_images": [str(p) for p in paths],
+              "checkpoint": _weights_record(checkpoint), "backbone": _weights_record(weights),
+              "saa_plus": {k: (_weights_record(v) if k in _SAA_FILES else v) for k, v in saa.items()}}
     det = Detector(method, scorer, record)
     scorer.fit(paths, batch_size, progress)
     if cal is not None:
@@ -464,6 +472,20 @@ def fit(method: str, normal: str | os.PathLike | Sequence[str | os.PathLike], ou
     if out is not None:
         det.save(out, overwrite=overwrite)
     return det
+
+
+_SAA_FILES = ("proposer_config", "proposer_checkpoint", "sam_checkpoint")
+
+
+def _recorded_file(bundle: Path, what: str, rec: dict | None) -> str | None:
+    """The path of a weights file recorded at fit time, checked against its sha256."""
+    if rec is None:
+        return None
+    if not Path(rec["path"]).is_file():
+        raise FileNotFoundError(f"{bundle}: the {what} {rec['path']} recorded at fit time does not exist")
+    if _sha256(rec["path"]) != rec["sha256"]:
+        raise ValueError(f"{bundle}: the {what} {rec['path']} changed since fit (sha256 mismatch)")
+    return rec["path"]
 
 
 def load_detector(path: str | os.PathLike, device: str | None = None) -> Detector:
@@ -476,19 +498,11 @@ def load_detector(path: str | os.PathLike, device: str | None = None) -> Detecto
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{meta_file}: bundle format {meta.get('format')!r}; this fastad reads {BUNDLE_FORMAT}")
-    paths = {}
-    for key in ("checkpoint", "backbone"):
-        rec = meta.get(key)
-        paths[key] = None
-        if rec is not None:
-            if not Path(rec["path"]).is_file():
-                raise FileNotFoundError(f"{path}: the {key} weights {rec['path']} recorded at fit time do not exist")
-            if _sha256(rec["path"]) != rec["sha256"]:
-                raise ValueError(f"{path}: the {key} weights {rec['path']} changed since fit (sha256 mismatch)")
-            paths[key] = rec["path"]
+    paths = {key: _recorded_file(path, f"{key} weights", meta.get(key)) for key in ("checkpoint", "backbone")}
+    saa = {k: (_recorded_file(path, k, v) if k in _SAA_FILES else v) for k, v in meta.get("saa_plus", {}).items()}
     device = device or meta.get("device", "cpu")
     scorer = _build(meta["method"], meta["options"], paths["checkpoint"], paths["backbone"], device,
-                    meta.get("backend", "fastad"))
+                    meta.get("backend", "fastad"), meta.get("category", "object"), saa)
     scorer.load(path)
     config = {k: v for k, v in meta.items() if k not in ("format", "method", "thresholds", "versions")}
     det = Detector(meta["method"], scorer, {**config, "device": device})

@@ -143,6 +143,8 @@ def test_fit_predict_export_errors(tmp_path, capsys):
           "sigmaa", "valid keys", "coreset")
     fails(["fit", "--normal", str(good), "--checkpoint", str(good / "000.png"), "--out", str(tmp_path / "det")],
           capsys, "--checkpoint", "patchnn")
+    fails(["fit", "--method", "saa_plus", "--normal", str(good), "--out", str(tmp_path / "det")], capsys,
+          "--proposer-config")
     (tmp_path / "used").mkdir()
     fails(["fit", "--normal", str(good), "--out", str(tmp_path / "used")], capsys, "already exists", "--overwrite")
     fails(["predict", str(tmp_path / "used"), "--images", str(good), "--out", str(tmp_path / "r")], capsys,
@@ -194,3 +196,14 @@ def test_models_take_backbone_weights_and_the_old_names_warn(tmp_path):
     torch.testing.assert_close(new.backbone.clip.visual.proj, old.backbone.clip.visual.proj)
     with pytest.raises(TypeError, match="backbone_weights only"):
         backbone_weights_arg("ICAS", "a.pt", "checkpoint_path", "b.pt")
+
+
+def test_metrics_evaluate_progress_bar_advances(capsys):
+    from fastad import metrics
+
+    masks = torch.zeros(4, 16, 16, dtype=torch.bool)
+    masks[:2, :4, :4] = True
+    metrics.evaluate(torch.rand(4), torch.rand(4, 16, 16), None, masks, progress=True)
+    err = capsys.readouterr().err
+    steps = 6  # image, pixel, components, aupro, aupro_200, region_f1
+    assert all(f"{i}/{steps}" in err for i in range(1, steps + 1)), err
