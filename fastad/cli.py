@@ -212,6 +212,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                       overlays=not args.no_overlays, progress=not args.no_progress, method=args.method,
                       device=args.device, options=options)
     print(format_result(result))
+    undefined = [k for k, v in result.metrics.items() if v != v]
+    if undefined:
+        info = result.info
+        print(f"fastad evaluate: warning: {', '.join(undefined)} undefined (NaN): the test split has "
+              f"{info['anomalous_images']} anomalous and {info['test_images'] - info['anomalous_images']} normal "
+              "images; AUROC needs both, the pixel metrics anomalous pixels", file=sys.stderr)
     print(f"\nwrote metrics.json, metrics.csv, scores.csv{'' if args.no_overlays else ' and maps/'} in {out}")
     return 0
 

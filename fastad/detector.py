@@ -27,6 +27,7 @@ A score (or map value) ``>= threshold`` is anomalous.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import glob
 import hashlib
@@ -559,10 +560,16 @@ def write_overlay(path: Path, image_path: Path, amap: torch.Tensor, lo: float, h
 
 
 def _relative_names(paths: Sequence[Path]) -> list[Path]:
-    """Output names that keep the inputs' sub-folders (relative to their common folder)."""
+    """Output names that keep the inputs' sub-folders (relative to their common folder); the
+    extension stays in the name where two inputs differ only by it (a.png, a.jpg)."""
     resolved = [p.resolve() for p in paths]
     root = Path(os.path.commonpath([str(p.parent) for p in resolved]))
-    return [p.relative_to(root).with_suffix("") for p in resolved]
+    rel = [p.relative_to(root) for p in resolved]
+    stems = [r.with_suffix("") for r in rel]
+    counts: dict[Path, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    return [s if counts[s] == 1 else s.with_name(r.name) for s, r in zip(stems, rel)]
 
 
 def write_predictions(out: str | os.PathLike, prediction: Prediction, *, overlays: bool = True,
@@ -590,7 +597,7 @@ def write_predictions(out: str | os.PathLike, prediction: Prediction, *, overlay
     with atomic_dir(out, replace=overwrite) as tmp:
         for i in tqdm(range(len(names)), desc="writing results", disable=not progress):
             name = names[i]
-            map_rel = Path("maps") / name.with_suffix(".npy")
+            map_rel = Path("maps") / name.with_name(name.name + ".npy")
             (tmp / map_rel).parent.mkdir(parents=True, exist_ok=True)
             np.save(tmp / map_rel, maps[i].float().numpy())
             mask = None if prediction.masks is None else prediction.masks[i]
@@ -598,12 +605,12 @@ def write_predictions(out: str | os.PathLike, prediction: Prediction, *, overlay
             if mask is not None:
                 from PIL import Image
 
-                mask_rel = Path("masks") / name.with_suffix(".png")
+                mask_rel = Path("masks") / name.with_name(name.name + ".png")
                 (tmp / mask_rel).parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(mask.numpy().astype(np.uint8) * 255).save(tmp / mask_rel)
             overlay_rel = ""
             if overlays:
-                overlay_rel = Path("overlays") / name.with_suffix(".png")
+                overlay_rel = Path("overlays") / name.with_name(name.name + ".png")
                 write_overlay(tmp / overlay_rel, prediction.paths[i], maps[i], lo, hi, prediction.pixel_threshold,
                               mask)
             decision = "" if prediction.decisions is None else int(prediction.decisions[i])
@@ -681,7 +688,7 @@ def export(detector: Detector | str | os.PathLike, out: str | os.PathLike, forma
     out = Path(out)
     sc = det.scorer
     size = sc.size
-    module = PatchNNExport(sc.net.extractor.cpu(), bank_rows(sc.bank, _CATEGORY), size, sc.net.sigma).eval()
+    module = PatchNNExport(copy.deepcopy(sc.net.extractor).cpu(), bank_rows(sc.bank, _CATEGORY), size, sc.net.sigma).eval()
     if check_images is None:
         check_images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     want_s, want_m = det.score_tensor(check_images)

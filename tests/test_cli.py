@@ -207,3 +207,18 @@ def test_metrics_evaluate_progress_bar_advances(capsys):
     err = capsys.readouterr().err
     steps = 6  # image, pixel, components, aupro, aupro_200, region_f1
     assert all(f"{i}/{steps}" in err for i in range(1, steps + 1)), err
+
+
+def test_evaluate_warns_when_the_test_split_leaves_metrics_undefined(tmp_path, capsys):
+    import shutil
+
+    synthetic.make_demo_dataset(tmp_path / "d", categories=("brick",), size=48, n_train=2, n_test_good=2,
+                                n_test_defect=1)
+    for defect in synthetic.DEFECTS:  # test/good only
+        shutil.rmtree(tmp_path / "d" / "brick" / "test" / defect)
+    shutil.rmtree(tmp_path / "d" / "brick" / "ground_truth")
+    rc, _, err = run(["evaluate", "--method", "dictas", "--data", str(tmp_path / "d"), "--category", "brick",
+                      "--shots", "1", "--no-progress", "--no-overlays", "--out", str(tmp_path / "o"), *TINY_CLIP],
+                     capsys)
+    assert rc == 0, err
+    assert "image_auroc" in err and "undefined (NaN)" in err and "0 anomalous and 2 normal" in err

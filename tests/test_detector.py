@@ -242,3 +242,11 @@ def test_a_reference_model_fits_saves_and_predicts(data, tmp_path):
     got = load_detector(tmp_path / "inctrl").predict(images, threshold=0.5)
     torch.testing.assert_close(got.scores, want.scores)
     assert got.decisions.tolist() == (want.scores >= 0.5).tolist()
+
+
+def test_output_names_keep_folders_and_never_collide():
+    from fastad.detector import _relative_names
+
+    names = _relative_names([Path("/d/x/a.png"), Path("/d/x/a.jpg"), Path("/d/x/s/img.001.png")])
+    assert names == [Path("a.png"), Path("a.jpg"), Path("s/img.001")]
+    assert _relative_names([Path("/d/x/a.png")]) == [Path("a")]
