@@ -3,7 +3,8 @@ predict on new images (score, decision and binary mask per image), export it.
 
     det = fastad.fit("patchnn", normal="good/", calibrate="good_holdout/", fpr=0.01, out="detector/")
     det = fastad.load_detector("detector/")
-    pred = det.predict(["new/001.png", "new/002.png"])   # pred.scores, pred.maps, pred.decisions
+    scores, maps, decisions = det.predict(["new/001.png", "new/002.png"])
+    pred = det.predict("new/")                           # also pred.masks, pred.paths, thresholds
     fastad.detector.write_predictions("results/", pred)  # results.csv, maps/*.npy, overlays/*.png, masks/*.png
 
 Methods: ``patchnn`` (EfficientNet-Lite0 ImageNet features and a ``ReferenceBank`` of normal
@@ -221,6 +222,10 @@ class Prediction:
     image_threshold: float | None
     pixel_threshold: float | None
     paths: list[Path] | None = None
+
+    def __iter__(self):
+        """``scores, maps, decisions = detector.predict(images)``."""
+        return iter((self.scores, self.maps, self.decisions))
 
 
 class Detector:

@@ -130,6 +130,8 @@ def test_python_api_equals_the_cli_and_keeps_each_images_resolution(det, results
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
     tp = det.predict(x)
     assert tp.maps.shape == (1, 100, 150) and tp.decisions.shape == (1,)
+    scores, maps, decisions = tp
+    assert scores is tp.scores and maps is tp.maps and decisions is tp.decisions
     out = fastad.detector.write_predictions(tmp_path / "res", pred)
     assert (out / "results.csv").is_file()
     with pytest.raises(FileExistsError, match="--overwrite"):
