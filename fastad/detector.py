@@ -116,12 +116,12 @@ class _PatchNNScorer:
         self.size = int(options["image_size"])
         weights = Path(backbone) if backbone is not None else efficientnet_lite0_weights()
         if not weights.is_file():
-            raise FileNotFoundError(f"--backbone: EfficientNet-Lite0 weights {weights} do not exist")
+            raise FileNotFoundError(f"--backbone-weights: EfficientNet-Lite0 weights {weights} do not exist")
         self.weights = weights
         try:
             extractor = EfficientNetFeatures(weights, stages=tuple(options["stages"]))
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise ValueError(f"--backbone: {weights} is not EfficientNet-Lite0 weights ({exc})") from exc
+            raise ValueError(f"--backbone-weights: {weights} is not EfficientNet-Lite0 weights ({exc})") from exc
         self.device = torch.device(device)
         self.net = PatchNNDetector(extractor.to(self.device), sigma=float(options["sigma"]))
         self.bank = None
@@ -414,13 +414,13 @@ def _build(method: str, options: dict[str, Any], checkpoint: str | None, backbon
     if method not in METHODS:
         raise ValueError(f"--method: unknown method {method!r}; expected one of {METHODS}")
     check_device(device)
-    for path, opt in ((checkpoint, "--checkpoint"), (backbone, "--backbone")):
+    for path, opt in ((checkpoint, "--checkpoint"), (backbone, "--backbone-weights")):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{opt}: {path} does not exist")
     if method == "patchnn":
         if checkpoint is not None:
             raise ValueError("--checkpoint: patchnn has no trained weights beyond its backbone; give the "
-                             "EfficientNet-Lite0 weights with --backbone (or nothing: the pip package's)")
+                             "EfficientNet-Lite0 weights with --backbone-weights (or nothing: the pip package's)")
         options = {**options, "stages": tuple(options["stages"])}
         return _PatchNNScorer(options, backbone, device)
     return _ModelScorer(method, options, checkpoint, backbone, device, backend, category, saa or {})

@@ -143,6 +143,10 @@ def test_fit_predict_export_errors(tmp_path, capsys):
           "sigmaa", "valid keys", "coreset")
     fails(["fit", "--normal", str(good), "--checkpoint", str(good / "000.png"), "--out", str(tmp_path / "det")],
           capsys, "--checkpoint", "patchnn")
+    foreign = tmp_path / "resnet.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, foreign)
+    fails(["fit", "--normal", str(good), "--backbone-weights", str(foreign), "--out", str(tmp_path / "det")],
+          capsys, "--backbone-weights", "resnet.pth is not EfficientNet-Lite0 weights")
     fails(["fit", "--method", "saa_plus", "--normal", str(good), "--out", str(tmp_path / "det")], capsys,
           "--proposer-config")
     (tmp_path / "used").mkdir()
