@@ -233,7 +233,7 @@ def _checkpoint_errors(path: str, method: str) -> Iterator[None]:
 
 def _load_icas_checkpoint(model: Any, path: str) -> None:
     """A state dict of ``fastad.models.ICAS`` (encoder keys optional: the frozen encoder
-    keeps the ``--backbone`` weights when the checkpoint leaves it out)."""
+    keeps the ``--backbone-weights`` weights when the checkpoint leaves it out)."""
     from fastad.models.checkpoint import load_mapped_state_dict, read_state_dict
 
     state = read_state_dict(path, containers=("model", "state_dict", "model_state"))
