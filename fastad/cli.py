@@ -133,7 +133,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                       progress=not args.no_progress)
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        from fastad._io import atomic_write
+
+        with atomic_write(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     return 0
 
 
