@@ -75,7 +75,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from fastad.detector import load_detector, write_predictions
+    from fastad.detector import list_images, load_detector, write_predictions
 
     print(f"fastad predict: loading the detector {args.detector}", file=sys.stderr, flush=True)
     det = load_detector(args.detector, device=args.device)
@@ -84,15 +84,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.threshold == "auto" and not det.thresholds:
         print("fastad predict: warning: the detector has no calibrated thresholds (fit it with --calibrate, or "
               "give --threshold VALUE): writing scores and maps without decisions", file=sys.stderr)
-    pred = det.predict(args.images, threshold=args.threshold, batch_size=args.batch_size,
-                       progress=not args.no_progress)
-    write_predictions(args.out, pred, overlays=not args.no_overlays, overwrite=args.overwrite,
-                      progress=not args.no_progress)
-    n = len(pred.paths)
-    flagged = "" if pred.decisions is None else \
-        f", {int(pred.decisions.sum())} anomalous at threshold {pred.image_threshold:.6g}"
-    print(f"scored {n} images{flagged}; wrote results.csv, maps/, "
-          f"{'masks/, ' if pred.masks is not None else ''}{'' if args.no_overlays else 'overlays/ '}in {args.out}")
+    paths = list_images(args.images)
+    flagged: list[int] = []  # per batch, for the summary line (the maps themselves are not kept)
+    threshold, masks = None, False
+
+    def batches():
+        nonlocal threshold, masks
+        for pred in det.predict_batches(paths, threshold=args.threshold, batch_size=args.batch_size,
+                                        progress=not args.no_progress):
+            if pred.decisions is not None:
+                flagged.append(int(pred.decisions.sum()))
+            threshold, masks = pred.image_threshold, pred.masks is not None
+            yield pred
+
+    write_predictions(args.out, batches(), paths=paths, thresholds=det.thresholds, overlays=not args.no_overlays,
+                      overwrite=args.overwrite)
+    summary = "" if threshold is None else f", {sum(flagged)} anomalous at threshold {threshold:.6g}"
+    print(f"scored {len(paths)} images{summary}; wrote results.csv, maps/, "
+          f"{'masks/, ' if masks else ''}{'' if args.no_overlays else 'overlays/ '}in {args.out}")
     return 0
 
 

@@ -6,6 +6,7 @@ predict on new images (score, decision and binary mask per image), export it.
     scores, maps, decisions = det.predict(["new/001.png", "new/002.png"])
     pred = det.predict("new/")                           # also pred.masks, pred.paths, thresholds
     fastad.detector.write_predictions("results/", pred)  # results.csv, maps/*.npy, overlays/*.png, masks/*.png
+    fastad.detector.write_predictions("results/", det.predict_batches(paths), paths=paths, overwrite=True)
 
 Methods: ``patchnn`` (EfficientNet-Lite0 ImageNet features and a ``ReferenceBank`` of normal
 patches, cosine nearest-neighbour residuals; works offline with the weights of
@@ -41,7 +42,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -283,24 +284,39 @@ class Detector:
         list of paths; maps come back at each image's own resolution). ``threshold``: "auto"
         (the calibrated ones; no decisions when the bundle has none), a number (image
         threshold; the pixel threshold stays the calibrated one) or None (no decisions)."""
+        if not isinstance(images, torch.Tensor):
+            parts = list(self.predict_batches(images, threshold=threshold, batch_size=batch_size, progress=progress))
+            first = parts[0]
+            return Prediction(torch.cat([p.scores for p in parts]), [m for p in parts for m in p.maps],
+                              None if first.decisions is None else torch.cat([p.decisions for p in parts]),
+                              None if first.masks is None else [m for p in parts for m in p.masks],
+                              first.image_threshold, first.pixel_threshold, [q for p in parts for q in p.paths])
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        img_th, pix_th = self._thresholds(threshold)
+        scores, maps = self.score_tensor(images, batch_size, progress)
+        return Prediction(scores, maps, None if img_th is None else scores >= img_th,
+                          None if pix_th is None else maps >= pix_th, img_th, pix_th)
+
+    def predict_batches(self, images: str | os.PathLike | Sequence[str | os.PathLike], *,
+                        threshold: float | str | None = "auto", batch_size: int = 8,
+                        progress: bool = False) -> Iterator[Prediction]:
+        """:meth:`predict` over image files, one :class:`Prediction` per batch, so that a large
+        folder never holds all its full-resolution maps at once (``fastad predict`` streams
+        these into :func:`write_predictions`)."""
         from fastad.data.mvtec import image_shape
         from fastad.models.postprocess import upsample_maps
 
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         img_th, pix_th = self._thresholds(threshold)
-        paths = None
-        if isinstance(images, torch.Tensor):
-            scores, maps = self.score_tensor(images, batch_size, progress)
-        else:
-            paths = list_images(images)
-            scores, small = self._score_paths(paths, batch_size, progress)
-            maps = [upsample_maps(m[None], image_shape(p))[0] for m, p in zip(small, paths)]
-        decisions = None if img_th is None else scores >= img_th
-        masks = None
-        if pix_th is not None:
-            masks = maps >= pix_th if isinstance(maps, torch.Tensor) else [m >= pix_th for m in maps]
-        return Prediction(scores, maps, decisions, masks, img_th, pix_th, paths)
+        paths = list_images(images)
+        for i in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress):
+            batch = paths[i:i + batch_size]
+            scores, small = self.scorer.score(_read(batch, self.image_size))
+            maps = [upsample_maps(m[None], image_shape(p))[0] for m, p in zip(small, batch)]
+            yield Prediction(scores, maps, None if img_th is None else scores >= img_th,
+                             None if pix_th is None else [m >= pix_th for m in maps], img_th, pix_th, batch)
 
     def _thresholds(self, threshold: float | str | None) -> tuple[float | None, float | None]:
         pix = self.thresholds.get("pixel")
@@ -577,52 +593,68 @@ def _relative_names(paths: Sequence[Path]) -> list[Path]:
     return [s if counts[s] == 1 else s.with_name(r.name) for s, r in zip(stems, rel)]
 
 
-def write_predictions(out: str | os.PathLike, prediction: Prediction, *, overlays: bool = True,
-                      overwrite: bool = False, progress: bool = False) -> Path:
+def _colour_scale(prediction: Prediction, thresholds: dict[str, Any] | None) -> tuple[float, float]:
+    """[lo, hi] of the overlays' colour bar: the calibration images' map range, stretched so the
+    pixel threshold sits mid-scale at most; without a calibration, the range of these maps."""
+    rng = (thresholds or {}).get("map_range")
+    lo, hi = rng if rng else (min(float(m.min()) for m in prediction.maps),
+                              max(float(m.max()) for m in prediction.maps))
+    if prediction.pixel_threshold is not None:
+        hi = max(hi, lo + 2 * (prediction.pixel_threshold - lo))
+    return lo, max(hi, lo + 1e-12)
+
+
+def write_predictions(out: str | os.PathLike, predictions: Prediction | Iterable[Prediction], *,
+                      paths: Sequence[Path] | None = None, thresholds: dict[str, Any] | None = None,
+                      overlays: bool = True, overwrite: bool = False) -> Path:
     """Write ``results.csv`` (and ``results.parquet`` when pyarrow is installed) with one row
-    per image — path, score, decision, threshold, map path — and per image ``maps/<name>.npy``
-    (float32, the image's own resolution), ``masks/<name>.png`` (maps >= pixel threshold) and
-    ``overlays/<name>.png`` (with a colour bar). The folder is built aside and renamed into
-    place, so no file of a previous run is left beside the new ones."""
-    if prediction.paths is None:
-        raise ValueError("write_predictions needs a prediction made from image files (paths), not a tensor")
+    per image — path, score, decision, threshold, map / mask / overlay paths — and per image
+    ``maps/<name>.npy`` (float32, the image's own resolution), ``masks/<name>.png`` (maps >=
+    pixel threshold) and ``overlays/<name>.png`` (with a colour bar; its scale comes from the
+    detector's ``thresholds`` when given). ``predictions``: one :class:`Prediction` made from
+    image files, or an iterable of them (``Detector.predict_batches``; then ``paths`` lists
+    every image, for the output names). The folder is built aside and renamed into place, so
+    no file of a previous run is left beside the new ones."""
+    from PIL import Image
+
+    if isinstance(predictions, Prediction):
+        if predictions.paths is None:
+            raise ValueError("write_predictions needs a prediction made from image files (paths), not a tensor")
+        paths, predictions = predictions.paths, [predictions]
+    elif paths is None:
+        raise ValueError("write_predictions: give `paths` (every image) with an iterable of predictions")
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {out} already exists; give --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
-    names = _relative_names(prediction.paths)
-    maps = prediction.maps
-    if prediction.pixel_threshold is not None:
-        lo = min(float(m.min()) for m in maps)
-        hi = max(max(float(m.max()) for m in maps), lo + 2 * (prediction.pixel_threshold - lo))
-    else:
-        lo, hi = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
+    names = dict(zip(map(Path.resolve, map(Path, paths)), _relative_names(paths)))
     rows = []
+    scale = None
     with atomic_dir(out, replace=overwrite) as tmp:
-        for i in tqdm(range(len(names)), desc="writing results", disable=not progress):
-            name = names[i]
-            map_rel = Path("maps") / name.with_name(name.name + ".npy")
-            (tmp / map_rel).parent.mkdir(parents=True, exist_ok=True)
-            np.save(tmp / map_rel, maps[i].float().numpy())
-            mask = None if prediction.masks is None else prediction.masks[i]
-            mask_rel = ""
-            if mask is not None:
-                from PIL import Image
-
-                mask_rel = Path("masks") / name.with_name(name.name + ".png")
-                (tmp / mask_rel).parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(mask.numpy().astype(np.uint8) * 255).save(tmp / mask_rel)
-            overlay_rel = ""
-            if overlays:
-                overlay_rel = Path("overlays") / name.with_name(name.name + ".png")
-                write_overlay(tmp / overlay_rel, prediction.paths[i], maps[i], lo, hi, prediction.pixel_threshold,
-                              mask)
-            decision = "" if prediction.decisions is None else int(prediction.decisions[i])
-            rows.append({"path": str(prediction.paths[i]), "score": float(prediction.scores[i]),
-                         "decision": decision,
-                         "threshold": "" if prediction.image_threshold is None else prediction.image_threshold,
-                         "map_path": str(map_rel), "mask_path": str(mask_rel), "overlay_path": str(overlay_rel)})
+        for pred in predictions:
+            scale = scale or _colour_scale(pred, thresholds)
+            for i, path in enumerate(pred.paths):
+                name = names[Path(path).resolve()]
+                row = {"path": str(path), "score": float(pred.scores[i]),
+                       "decision": "" if pred.decisions is None else int(pred.decisions[i]),
+                       "threshold": "" if pred.image_threshold is None else pred.image_threshold,
+                       "map_path": str(Path("maps") / name.with_name(name.name + ".npy")),
+                       "mask_path": "", "overlay_path": ""}
+                (tmp / row["map_path"]).parent.mkdir(parents=True, exist_ok=True)
+                np.save(tmp / row["map_path"], pred.maps[i].float().numpy())
+                mask = None if pred.masks is None else pred.masks[i]
+                if mask is not None:
+                    row["mask_path"] = str(Path("masks") / name.with_name(name.name + ".png"))
+                    (tmp / row["mask_path"]).parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(mask.numpy().astype(np.uint8) * 255).save(tmp / row["mask_path"])
+                if overlays:
+                    row["overlay_path"] = str(Path("overlays") / name.with_name(name.name + ".png"))
+                    write_overlay(tmp / row["overlay_path"], Path(path), pred.maps[i], *scale, pred.pixel_threshold,
+                                  mask)
+                rows.append(row)
+        if not rows:
+            raise ValueError("write_predictions: no predictions to write")
         with open(tmp / "results.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
