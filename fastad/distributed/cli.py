@@ -39,8 +39,8 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="model constructor override for one method (KEY=VALUE: every method), repeatable")
     p.add_argument("--checkpoint", action="append", default=[], metavar="METHOD=PATH", help="a method's weights")
-    p.add_argument("--backbone", action="append", default=[], metavar="METHOD=PATH",
-                   help="a method's frozen backbone weights (CLIP, DINOv2)")
+    p.add_argument("--backbone-weights", action="append", default=[], metavar="METHOD=PATH",
+                   help="a method's frozen backbone weights file (CLIP, DINOv2)")
     p.add_argument("--cache-dir", default="~/.cache/fastad/features",
                    help="node-local cache of backbone features (CLIP methods)")
     p.add_argument("--no-cache", action="store_true", help="encode every image in every job")
@@ -54,7 +54,8 @@ def add_score_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score many images with a Ray Data pipeline over an actor pool")
     p.add_argument("--method", required=True, choices=("inctrlv2", "dictas", "icas"))
     p.add_argument("--checkpoint", default=None, help="the method's trained weights")
-    p.add_argument("--backbone", default=None, help="the frozen backbone's weights (CLIP, DINOv2)")
+    p.add_argument("--backbone-weights", default=None, metavar="PATH",
+                   help="the frozen backbone's weights file (CLIP, DINOv2)")
     p.add_argument("--references", required=True, help="folder or list file of the normal reference images")
     p.add_argument("--images", required=True, help="glob pattern (quote it), folder or list file of the images")
     p.add_argument("--out", required=True)
@@ -77,7 +78,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     from fastad.distributed.sweep import JobOptions, format_result, parse_method_options, sweep
 
     config, checkpoints = parse_method_options(args.config, args.checkpoint, args.methods)
-    backbones = parse_method_options([], args.backbone, args.methods, "--backbone")[1]
+    backbones = parse_method_options([], args.backbone_weights, args.methods, "--backbone-weights")[1]
     options = JobOptions(config=config, checkpoints=checkpoints, backbones=backbones,
                          cache_dir=None if args.no_cache else args.cache_dir,
                          batch_size=args.batch_size, overlays=not args.no_overlays)
@@ -96,7 +97,7 @@ def run_score(args: argparse.Namespace) -> int:
     if len(args.map_range) != 2:
         raise ValueError(f"--map-range expects LO,HI, got {args.map_range}")
     spec = ScoreSpec(args.method, references=args.references, category=args.category, checkpoint=args.checkpoint,
-                     backbone=args.backbone, config=parse_overrides(args.config))
+                     backbone=args.backbone_weights, config=parse_overrides(args.config))
     table = score(spec, args.images, args.out, address=args.address, batch_size=args.batch_size, actors=args.actors,
                   gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, threshold=args.threshold,
                   map_range=tuple(args.map_range), progress=not args.no_progress)

@@ -396,13 +396,14 @@ class DictAS(FewShotCLIPModel):
 
     Args:
         config: a ``DictASConfig`` (default: the authors' settings).
-        pretrained: CLIP weights for the backbone (local path, open_clip tag, or None for random).
+        backbone_weights: CLIP weights for the backbone (local path, open_clip tag, or None for
+            random); ``pretrained`` is its deprecated name.
         backend: "reference" or "fastad" (settable later through ``model.backend``).
         **overrides: config fields to replace.
 
     Use::
 
-        model = DictAS(pretrained="ViT-L-14-336px.pt").eval()
+        model = DictAS(backbone_weights="ViT-L-14-336px.pt").eval()
         model.load_checkpoint("DictAS_weight/train_visa.pth")
         model.set_references(normal_images, category="bottle")
         with torch.no_grad():
@@ -412,8 +413,11 @@ class DictAS(FewShotCLIPModel):
     resize_mode = "squash"  # test.py: Resize((S, S), bicubic), then CenterCrop(S)
 
     def __init__(self, config: DictASConfig | None = None, pretrained: str | None = None,
-                 backend: str = "reference", **overrides: Any) -> None:
+                 backend: str = "reference", *, backbone_weights: str | None = None, **overrides: Any) -> None:
+        from fastad.models.checkpoint import backbone_weights_arg  # local: keeps the import block untouched
+
         super().__init__(backend)
+        pretrained = backbone_weights_arg("DictAS", backbone_weights, "pretrained", pretrained)
         config = config if config is not None else DictASConfig()
         if overrides:
             config = dataclasses.replace(config, **overrides)

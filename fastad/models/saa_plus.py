@@ -491,7 +491,8 @@ class SAAPlus(nn.Module):
         proposer: box proposer ``(image, caption) -> Proposals`` (``GroundingDINOProposer``, ``StaticProposer``).
         refiner: box -> mask model ``(image, boxes_xyxy) -> masks`` (``SAMRefiner``, ``BoxMaskRefiner``).
         dataset: table to look ``category`` up in ("mvtec", "visa", "ksdd2", "mtd").
-        backbone, checkpoint_path: the saliency CNN (timm name; local weights or None for random).
+        backbone, backbone_weights: the saliency CNN (timm name; local weights or None for random;
+            ``checkpoint_path`` is the deprecated name of ``backbone_weights``).
         feature_extractor: a ready module ``(images, size) -> [B, C, h, w]`` instead of ``backbone``.
         box_threshold: minimum box confidence (strictly greater), 0.1 in the authors' runs.
         saliency_k: neighbours averaged per position (N = 400).
@@ -510,8 +511,11 @@ class SAAPlus(nn.Module):
                  feature_extractor: Optional[nn.Module] = None, box_threshold: float = 0.1,
                  saliency_k: int = 400, single_size: int = 256, multi_size: int = 1024, out_size: int = 400,
                  gamma: float = 3.0, backend: str = "reference", ops_backend: Optional[str] = None,
-                 input_convention: str = "authors", **overrides) -> None:
+                 input_convention: str = "authors", backbone_weights: Optional[str] = None, **overrides) -> None:
+        from fastad.models.checkpoint import backbone_weights_arg  # local: keeps the import block untouched
+
         super().__init__()
+        checkpoint_path = backbone_weights_arg("SAAPlus", backbone_weights, "checkpoint_path", checkpoint_path)
         _check_backend(backend)
         if input_convention not in INPUT_CONVENTIONS:
             raise ValueError(f"fastad.models.SAAPlus: input_convention must be one of {INPUT_CONVENTIONS}, "
