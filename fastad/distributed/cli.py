@@ -3,6 +3,7 @@ one of them runs)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from fastad.evaluate import METHODS
@@ -82,6 +83,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     options = JobOptions(config=config, checkpoints=checkpoints, backbones=backbones,
                          cache_dir=None if args.no_cache else args.cache_dir,
                          batch_size=args.batch_size, overlays=not args.no_overlays)
+    for m in args.methods:
+        if m not in checkpoints and m not in backbones:
+            print(f"fastad sweep: warning: neither --backbone-weights nor --checkpoint given for {m}: it runs with "
+                  "RANDOM weights and its metrics say nothing about the method", file=sys.stderr)
     categories = None if args.categories == "all" else [c for c in args.categories.split(",") if c]
     result = sweep(args.methods, args.data, args.out, categories=categories, shots=args.shots, seeds=args.seeds,
                    options=options, address=args.address, gpus_per_task=args.gpus_per_task,

@@ -187,10 +187,13 @@ def run_job(job: SweepJob, out: str, options: JobOptions) -> dict[str, Any]:
                           device=device)
     if options.cache_dir is not None and isinstance(runner, CLIPRunner):
         runner.feature_cache = FeatureCache(Path(options.cache_dir).expanduser(), _clip_cache_key(runner))
+    ckpt, weights = options.checkpoints.get(job.method), options.backbones.get(job.method)
+    recorded = {"checkpoint": ckpt, "backbone_weights": weights, "config": options.config.get(job.method, {}),
+                "backend": "fastad", "random_weights": ckpt is None and weights is None}
     try:
         with atomic_dir(folder) as tmp:
             evaluate(runner, job.data, job.category, tmp, shots=job.shots, seed=job.seed, batch_size=options.batch_size,
-                     overlays=options.overlays, progress=False, method=job.method, device=device)
+                     overlays=options.overlays, progress=False, method=job.method, device=device, options=recorded)
     except FileExistsError:  # a concurrent attempt of the same job won the rename
         pass
     return _read_record(job, folder, "done", time.perf_counter() - t0)
