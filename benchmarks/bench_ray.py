@@ -2,7 +2,8 @@
 concurrent Ray workers, and the per-job overhead of Ray tasks against a plain in-process
 loop over the same jobs (fastad.distributed.sweep.run_job).
 
-Per-job overhead = (Ray with 1 worker - plain loop) / 16. Grid: dictas and inctrlv2 (tiny random CLIP) x 2 demo categories x shots 1, 2 x seeds 0, 1
+Per-job overhead = (Ray with 1 worker - plain loop) / 16. Grid: dictas and inctrlv2 (tiny
+random CLIP) x 2 demo categories x shots 1, 2 x seeds 0, 1
 (16 jobs); quick: 32 px images with 4 test images per category, full: 64 px and 12."""
 from __future__ import annotations
 

@@ -29,13 +29,13 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--methods", required=True, type=_csv(str), help=f"comma-separated, of {','.join(METHODS)}")
     p.add_argument("--data", required=True, action="append", help="dataset root (MVTec / VisA layout), repeatable")
     p.add_argument("--categories", default="all", help="'all' (each dataset's categories) or a,b,c")
-    p.add_argument("--shots", type=_csv(int), default=[1, 2, 4])
-    p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2])
+    p.add_argument("--shots", type=_csv(int), default=[1, 2, 4], help="shot counts, e.g. 1,2,4 (default)")
+    p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2], help="seeds of the reference draws (default 0,1,2)")
     p.add_argument("--out", required=True, help="output folder (on a cluster: a path every node can write)")
     _address(p)
     p.add_argument("--gpus-per-task", type=float, default=None,
                    help="GPUs per job, fractions share a GPU (default: 1 when the cluster has GPUs, else CPU jobs)")
-    p.add_argument("--cpus-per-task", type=float, default=1)
+    p.add_argument("--cpus-per-task", type=float, default=1, help="CPUs per job (default 1; also its torch threads)")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a failed job (also after a lost worker)")
     p.add_argument("--config", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="model constructor override for one method (KEY=VALUE: every method), repeatable")
@@ -45,33 +45,34 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="~/.cache/fastad/features",
                    help="node-local cache of backbone features (CLIP methods)")
     p.add_argument("--no-cache", action="store_true", help="encode every image in every job")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--no-overlays", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=int, default=8, help="test images per forward pass")
+    p.add_argument("--no-overlays", action="store_true", help="skip the PNG overlays")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def add_score_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score many images with a Ray Data pipeline over an actor pool")
-    p.add_argument("--method", required=True, choices=("inctrlv2", "dictas", "icas"))
+    p.add_argument("--method", required=True, choices=("inctrlv2", "dictas", "icas"), help="the few-shot method")
     p.add_argument("--checkpoint", default=None, help="the method's trained weights")
     p.add_argument("--backbone-weights", default=None, metavar="PATH",
                    help="the frozen backbone's weights file (CLIP, DINOv2)")
     p.add_argument("--references", required=True, help="folder or list file of the normal reference images")
     p.add_argument("--images", required=True, help="glob pattern (quote it), folder or list file of the images")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="results folder: scores.parquet and maps/")
     p.add_argument("--category", default="object", help="class name used in the text prompts")
     _address(p)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--actors", type=int, default=1, help="model replicas (Ray actors)")
     p.add_argument("--gpus-per-actor", type=float, default=None,
                    help="default: 1 when the cluster has GPUs, else CPU actors")
-    p.add_argument("--cpus-per-actor", type=float, default=1)
+    p.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs per actor (default 1)")
     p.add_argument("--threshold", type=float, default=0.5, help="score at or above which an image is anomalous")
     p.add_argument("--map-range", type=_csv(float), default=[0.0, 1.0], metavar="LO,HI",
                    help="map values drawn as the coldest / hottest overlay colour")
-    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="model constructor override, repeatable")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
