@@ -43,9 +43,9 @@ def cluster_has_gpus(ray: Any) -> bool:
 
 
 def task_device() -> str:
-    """The device of the calling Ray task or actor: its GPU when Ray gave it one."""
+    """The device of the calling Ray task or actor: its GPU when Ray gave it one (CPU outside Ray)."""
     ray = import_ray()
-    if ray.get_gpu_ids():
+    if ray.is_initialized() and ray.get_gpu_ids():
         return "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the GPU(s) it assigned
     return "cpu"
 
