@@ -1,5 +1,5 @@
 """The ``fastad`` command line: ``fit``, ``predict``, ``export``, ``demo``, ``demo-data``,
-``bench`` and ``evaluate``.
+``bench``, ``evaluate``, and ``sweep`` / ``score`` on Ray.
 
 Every command reports a user error (a bad option, a missing or unreadable file) as one line
 ``fastad <command>: error: <message>`` on stderr with exit code 2, never a traceback
@@ -367,7 +367,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true", help="skip the PNG overlays")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_evaluate)
+
+    from fastad.distributed.cli import add_score_parser, add_sweep_parser
+
+    add_sweep_parser(sub).set_defaults(fn=_cmd_sweep)
+    add_score_parser(sub).set_defaults(fn=_cmd_score)
     return parser
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fastad.distributed.cli import run_sweep
+
+    return run_sweep(args)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from fastad.distributed.cli import run_score
+
+    return run_score(args)
 
 
 def main(argv: list[str] | None = None) -> int:

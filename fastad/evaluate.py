@@ -96,6 +96,8 @@ class _Runner:
 class CLIPRunner(_Runner):
     """InCTRLv2 / DictAS: CLIP-normalised inputs, the backbone pass and the head timed apart."""
 
+    feature_cache = None  # a fastad.feature_cache.FeatureCache shared by runs that see the same images
+
     def __init__(self, model: Any, category: str, class_name: str | None = None) -> None:
         import open_clip
 
@@ -108,18 +110,23 @@ class CLIPRunner(_Runner):
     def _norm(self, images: torch.Tensor) -> torch.Tensor:
         return (images.to(self.model.device) - self.mean) / self.std
 
+    def _encode(self, images: torch.Tensor) -> Any:
+        """The frozen backbone's features, through ``feature_cache`` (a FeatureCache) when set."""
+        x = self._norm(images)
+        return self.model.encode(x) if self.feature_cache is None else self.feature_cache.encode(self.model.encode, x)
+
     @torch.no_grad()
     def set_references(self, images: torch.Tensor, meter: StageMeter) -> None:
         with meter("references (encode + cache)"):
             prepare = getattr(self.model, "prepare_references", None)  # DictAS: the authors' screw rotations
             if prepare is not None:
                 images = prepare(images, self.category)
-            self.model.set_references(self._norm(images), category=self.category, class_name=self.class_name)
+            self.model.set_references(self._encode(images), category=self.category, class_name=self.class_name)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, meter: StageMeter) -> tuple[torch.Tensor, torch.Tensor]:
         with meter("backbone (CLIP image encoder)"):
-            feats = self.model.encode(self._norm(images))
+            feats = self._encode(images)
         with meter(f"head ({self.model.backend} backend)"):
             out = self.model.head(feats, self.category)
         return out["image_scores"], out["anomaly_maps"]
