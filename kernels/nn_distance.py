@@ -13,15 +13,17 @@ The pipeline, per chunk of query rows:
    Candidates: every bank row whose key is within 2m of an upper bound U of the
    k-th smallest exact key K*. Any j among the exact top k has key_j <= K* <= U, so
    key~_j <= U + m: the candidate set holds the whole exact top k, ties included.
-   * k <= 16: one fused pass. U = (k-th smallest of the per-group minima of the keys
-     seen so far) + m, kept in registers: the minima belong to distinct bank rows.
+   * k <= 16: one fused pass. U = (k-th smallest key seen so far) + m, the k smallest
+     keys of distinct bank rows kept per row in registers (k >= 2: a tile updates them
+     only with its keys below the current k-th, one at a time, rarely after the first tiles).
      The bank may be split across programs (split-M parallelism); each split keeps its
      own bound, which is valid because the exact top k restricted to a split is part
      of that split's own top k.
    * larger k (SAA+: 400 of 4,096 or 65,536): a range pass (per-row min / max key), one
      to three histogram passes (256 bins per row, refined around the k-th) give a
      threshold T with at least k keys <= T, so U = T + m; then a collecting pass.
-   Candidates are appended (atomic per-row counter) to a buffer of ``cap`` slots per row.
+   Candidates are appended to a buffer of ``cap`` slots per row: one atomic per row and
+   tile reserves the slots, then the candidates are written one per row and step.
 2. Re-rank (``_pairs_kernel``): the exact float32 metric value of every candidate
    (plain FMA loops on the original inputs; L2 as sum((q - b)^2), so near-duplicates
    are exact), then the k smallest (value, index) pairs, packed into int64 keys so that
@@ -102,7 +104,7 @@ def _screen_kernel(qs_ptr, bs_ptr, wq_ptr, wb_ptr, cb_ptr, pa_ptr, pb_ptr, qg_pt
     kk = tl.arange(0, BLOCK_K)
 
     kidx = tl.arange(0, KP)
-    # k smallest group minima so far (slots >= K pinned at -inf, never replaced)
+    # k smallest keys of distinct bank rows so far (slots >= K pinned at -inf, never replaced)
     lst = tl.where(kidx[None, :] < K, float("inf"), float("-inf")) + tl.zeros([BLOCK_N, KP], tl.float32)
     kth = tl.full([BLOCK_N], float("inf"), tl.float32)
     lo = tl.full([BLOCK_N], float("inf"), tl.float32)
@@ -150,24 +152,34 @@ def _screen_kernel(qs_ptr, bs_ptr, wq_ptr, wb_ptr, cb_ptr, pa_ptr, pb_ptr, qg_pt
                 if KP == 1:
                     kth = tl.minimum(kth, tl.min(key, axis=1))
                 else:
-                    gmin = tl.min(tl.reshape(key, [BLOCK_N, KP, BLOCK_M // KP]), axis=2)
-                    if tl.sum((gmin < kth[:, None]).to(tl.int32)) > 0:
-                        for g in tl.static_range(KP):
-                            v = tl.min(tl.where(kidx[None, :] == g, gmin, float("inf")), axis=1)
-                            cmax, am = tl.max(lst, axis=1, return_indices=True)
-                            hit = (kidx[None, :] == am[:, None]) & (v < cmax)[:, None]
-                            lst = tl.where(hit, v[:, None], lst)
+                    # Insert the tile's keys below the current k-th into the k kept ones,
+                    # smallest first, one bank row at a time: the kept keys stay those of
+                    # distinct bank rows; late tiles rarely have any.
+                    rem = key < kth[:, None]
+                    while tl.sum(rem.to(tl.int32)) > 0:
+                        v = tl.min(tl.where(rem, key, float("inf")), axis=1)
+                        vc = tl.min(tl.where(rem & (key == v[:, None]), cols[None, :], 2147483647), axis=1)
+                        cmax, am = tl.max(lst, axis=1, return_indices=True)
+                        hit = (kidx[None, :] == am[:, None]) & (v < cmax)[:, None]
+                        lst = tl.where(hit, v[:, None], lst)
                         kth = tl.max(lst, axis=1)
+                        rem = rem & (cols[None, :] != vc[:, None]) & (key < kth[:, None])
                 thr = kth + 2.0 * pa
             else:
                 thr = pa
             cm = elig & (key <= thr[:, None])
-            cmi = cm.to(tl.int32)
-            ncol = tl.sum(cmi, axis=1)
+            ncol = tl.sum(cm.to(tl.int32), axis=1)
             if tl.max(ncol, axis=0) > 0:
+                # Reserve ncol slots per row (the count keeps growing past cap: overflow ->
+                # exact fallback), then write the candidates one per row and step, lowest
+                # column first: no prefix sum, no scatter of a whole tile of addresses.
                 base = tl.atomic_add(cnt_ptr + crow, ncol, mask=ncol > 0)
-                pos = base[:, None] + tl.cumsum(cmi, axis=1) - 1
-                tl.store(cand_ptr + crow[:, None] * cap + pos, cols[None, :], mask=cm & (pos < cap))
+                todo = tl.where(ncol > 0, tl.minimum(ncol, tl.maximum(cap - base, 0)), 0)
+                dst = cand_ptr + crow * cap + base
+                for j in range(0, tl.max(todo, axis=0)):
+                    c = tl.min(tl.where(cm, cols[None, :], 2147483647), axis=1)
+                    tl.store(dst + j, c, mask=j < todo)
+                    cm = cm & (cols[None, :] != c[:, None])
 
     if MODE == 3:
         o = (crow * n_splits + pid_s) * 2
