@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import triton
 
+from fastad._io import atomic_write
+
 # Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 TARGETS = {"sm_80": (80, 166_912), "sm_90": (90, 232_448)}
 KERNEL_MODULES = ("fastad.kernels.nn_distance", "fastad.kernels.sparsemax", "fastad.kernels.kcenter",
@@ -210,14 +212,18 @@ def representative_calls(full: bool = False) -> None:
         ops.dict_lookup(qd, kd, vd, mode="sparsemax", key_mask=mask, backend="triton")
         ops.dict_lookup(qd, kd, vd, mode="softmax", key_mask=mask, backend="triton")
         ops.sparsemax(torch.randn(3, 50, generator=g).to(dt), backend="triton")
+        wide = torch.randn(1, 70, 272, generator=g).to(dt)  # value channels in blocks of 256
+        ops.dict_lookup(qd, kd, wide, mode="softmax", key_mask=mask, backend="triton")
     # kcenter: persistent (small N) and the three-launch path of large problems
     for dt in (torch.float32, torch.float16):
         x = torch.randn(2, 40, 32, generator=g).to(dt)
         ops.kcenter_greedy(x, 5, backend="triton")
+    ops.kcenter_greedy(torch.randn(1, 24, 1536, generator=g), 3, backend="triton")  # wide rows, unprojected
     saved = kc._PERSISTENT_MAX_N
     kc._PERSISTENT_MAX_N = 0
     try:
         ops.kcenter_greedy(torch.randn(1, 70, 32, generator=g), 5, backend="triton")
+        ops.kcenter_greedy(torch.randn(1, 24, 1536, generator=g), 3, backend="triton")
     finally:
         kc._PERSISTENT_MAX_N = saved
     # mask_pool: every resize mode, hard and soft masks, complements
@@ -227,6 +233,27 @@ def representative_calls(full: bool = False) -> None:
         ops.mask_pool(feats, masks, size=(9, 9), resize=resize, threshold=0.5, complement=True, backend="triton")
     ops.mask_pool(feats, masks, size=(9, 9), resize="bilinear", backend="triton")
     ops.mask_pool(feats, masks > 0.5, backend="triton")
+
+
+def captured(full: bool = False, cache_dir: Path = _DEFAULT_CACHE) -> list[dict]:
+    """unique() launches of representative_calls(full), cached by the hash of the kernel,
+    op and backend sources and the triton / torch versions (needs TRITON_INTERPRET=1)."""
+    import torch
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256(f"{triton.__version__} {torch.__version__} {full}".encode())
+    for path in sorted([*root.joinpath("kernels").glob("*.py"), *root.joinpath("fastad", "ops").glob("*.py"),
+                        root / "fastad" / "_backend.py"]):
+        h.update(path.name.encode() + path.read_bytes())
+    path = cache_dir / f"launches-{h.hexdigest()[:32]}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    with capture() as launches:
+        representative_calls(full)
+    out = unique(launches)
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(out))
+    return out
 
 
 # --------------------------------------------------------------------------- compile
@@ -278,7 +305,7 @@ def _compile_one(job: dict) -> dict:
     src = ASTSource(fn, sig, job["constexprs"], attrs)
     target = GPUTarget("cuda", TARGETS[job["target"]][0], 32)
     log = io.StringIO()
-    out = dict(error=None, regs=None, stack=None, spill_stores=None, spill_loads=None, shared=None)
+    out = dict(error=None, regs=None, stack=None, spill_stores=None, spill_loads=None, shared=None, mma=None)
     try:
         with contextlib.redirect_stdout(log):
             kernel = triton.compile(src, target=target, options=dict(job["options"]))
@@ -290,8 +317,10 @@ def _compile_one(job: dict) -> dict:
     if regs is None or frame is None:
         out["error"] = "no ptxas report: " + text[-500:]
         return out
+    ptx = kernel.asm["ptx"]
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
     out.update(regs=int(regs.group(1)), stack=int(frame.group(1)), spill_stores=int(frame.group(2)),
-               spill_loads=int(frame.group(3)), shared=int(kernel.metadata.shared))
+               spill_loads=int(frame.group(3)), shared=int(kernel.metadata.shared), mma=mma)
     return out
 
 
@@ -300,7 +329,6 @@ def compile_jobs(jobs: list[dict], cache_dir: Path = _DEFAULT_CACHE,
     """Compile (or read from the cache) every job; returns the jobs with their results."""
     os.environ.pop("TRITON_INTERPRET", None)
     triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v report on stdout
-    cache_dir.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         triton.knobs.cache.dir = tmp  # always run ptxas (its report is the measurement)
@@ -310,9 +338,8 @@ def compile_jobs(jobs: list[dict], cache_dir: Path = _DEFAULT_CACHE,
                 res = json.loads(path.read_text())
             else:
                 res = _compile_one(job)
-                tmp_path = path.with_suffix(".tmp")
-                tmp_path.write_text(json.dumps(res))
-                os.replace(tmp_path, path)
+                with atomic_write(path, "w") as f:
+                    f.write(json.dumps(res))
             if progress is not None:
                 progress(f"[{n + 1}/{len(jobs)}] {label(job)}: {res}")
             results.append(dict(job, **res))

@@ -187,8 +187,31 @@ def _screen_kernel(qs_ptr, bs_ptr, wq_ptr, wb_ptr, cb_ptr, pa_ptr, pb_ptr, qg_pt
         tl.store(out_ptr + o + 1, hi, mask=row_ok)
 
 
+def _screen_smem(cfg: triton.Config, mode: int) -> int:
+    """Shared memory of a screen config (bytes, upper bound; checked against ptxas for
+    sm_80 / sm_90 by tests/test_aot_compile.py): the pipelined 16-bit operand tiles, or,
+    in histogram mode, the tile of 64-bit atomic addresses that Triton stages through
+    shared memory (the two are never live together)."""
+    kw = cfg.kwargs
+    smem = cfg.num_stages * (kw["BLOCK_N"] + kw["BLOCK_M"]) * kw["BLOCK_K"] * 2
+    if mode == _HIST:
+        smem = max(smem, kw["BLOCK_N"] * kw["BLOCK_M"] * 8)
+    return smem
+
+
+def _prune_screen(configs, named_args, smem_limit: int | None = None, **kwargs):
+    """Autotune pruning: only configs whose shared memory fits the device (opt-in limit
+    per block). ``smem_limit`` replaces the device query (ahead-of-time checks)."""
+    if smem_limit is None:
+        dev = named_args["qs_ptr"].device
+        smem_limit = torch.cuda.get_device_properties(dev).shared_memory_per_block_optin
+    fit = [c for c in configs if _screen_smem(c, kwargs["MODE"]) <= smem_limit]
+    return fit or [min(configs, key=lambda c: _screen_smem(c, kwargs["MODE"]))]
+
+
 _screen_tuned = triton.autotune(configs=_SCREEN_CONFIGS,
                                 key=["C", "tune_key", "MODE", "KP", "WANT_MAX", "HAS_CB", "HAS_GROUPS"],
+                                prune_configs_by={"early_config_prune": _prune_screen},
                                 reset_to_zero=["cnt_ptr", "out_ptr"])(_screen_kernel)
 
 
