@@ -41,7 +41,8 @@ TARGETS = {"sm_80": (80, 166_912), "sm_90": (90, 232_448)}
 KERNEL_MODULES = ("fastad.kernels.nn_distance", "fastad.kernels.sparsemax", "fastad.kernels.kcenter",
                   "fastad.kernels.mask_pool")
 _OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-_DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "build" / "aot-cache"
+_ROOT = Path(__file__).resolve().parent.parent  # the checkout (fastad/kernels links to kernels/)
+_DEFAULT_CACHE = _ROOT / "build" / "aot-cache"
 
 
 # --------------------------------------------------------------------------- capture
@@ -240,7 +241,7 @@ def captured(full: bool = False, cache_dir: Path = _DEFAULT_CACHE) -> list[dict]
     op and backend sources and the triton / torch versions (needs TRITON_INTERPRET=1)."""
     import torch
 
-    root = Path(__file__).resolve().parent.parent
+    root = _ROOT
     h = hashlib.sha256(f"{triton.__version__} {torch.__version__} {full}".encode())
     for path in sorted([*root.joinpath("kernels").glob("*.py"), *root.joinpath("fastad", "ops").glob("*.py"),
                         root / "fastad" / "_backend.py"]):
@@ -362,7 +363,7 @@ def compile_in_subprocess(jobs: list[dict], cache_dir: Path = _DEFAULT_CACHE, ti
         src, dst = Path(tmp) / "jobs.json", Path(tmp) / "results.json"
         src.write_text(json.dumps(jobs))
         done = subprocess.run([sys.executable, "-m", "fastad.kernels._aot", str(src), str(dst), str(cache_dir)],
-                              env=env, capture_output=True, text=True, timeout=timeout)
+                              env=env, cwd=_ROOT, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"AOT compile process failed ({done.returncode}):\n{done.stderr[-4000:]}")
         return json.loads(dst.read_text())
