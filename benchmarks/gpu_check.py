@@ -263,8 +263,9 @@ def write_report(path: Path, card: str, quick: bool, tests: tuple[int, str] | No
                  models: list[dict], wall: float) -> None:
     from fastad._io import atomic_write
 
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"# GPU check on {card}", "",
-             f"`python benchmarks/gpu_check.py{' --quick' if quick else ''}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"`python benchmarks/gpu_check.py{' --quick' if quick else ''}`, {when}, "
              f"{wall / 60:.1f} min. Medians; fastad and peers alternate round by round in one process. "
              "Speed-up: the baseline peer's time / the row's time.", ""]
     if tests is not None:

@@ -494,7 +494,8 @@ def test_triton_path_choice(monkeypatch):
 
     from fastad.kernels import kcenter as kk
 
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(multi_processor_count=132))
+    props = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
     cuda = torch.device("cuda")
     assert kk._use_persistent(32, 1369, cuda, interp=False)  # iCAS batch
     assert kk._use_persistent(1, 1000, cuda, interp=False)  # tiny
