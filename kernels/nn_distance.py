@@ -61,7 +61,10 @@ _U = 2.0 ** -24  # float32 unit roundoff
 
 # Fixed tiles under the interpreter (small, to keep the CPU emulation fast).
 _INTERP_SCREEN = dict(BLOCK_N=32, BLOCK_M=64, BLOCK_K=32)
+# The first config is the default: no register spills on sm_80 / sm_90 in any mode
+# (tests/test_aot_compile.py; benchmarks/results/aot-sm80-sm90.md has them all).
 _SCREEN_CONFIGS = [
+    triton.Config(dict(BLOCK_N=64, BLOCK_M=256, BLOCK_K=64), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_N=128, BLOCK_M=256, BLOCK_K=64), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64), num_warps=8, num_stages=4),
@@ -153,34 +156,40 @@ def _screen_kernel(qs_ptr, bs_ptr, wq_ptr, wb_ptr, cb_ptr, pa_ptr, pb_ptr, qg_pt
                 if KP == 1:
                     kth = tl.minimum(kth, tl.min(key, axis=1))
                 else:
-                    # Insert the tile's keys below the current k-th into the k kept ones,
-                    # smallest first, one bank row at a time: the kept keys stay those of
-                    # distinct bank rows; late tiles rarely have any.
-                    rem = key < kth[:, None]
-                    while tl.sum(rem.to(tl.int32)) > 0:
-                        v = tl.min(tl.where(rem, key, float("inf")), axis=1)
-                        vc = tl.min(tl.where(rem & (key == v[:, None]), cols[None, :], 2147483647), axis=1)
+                    # Insert the tile's keys below the current k-th into the k kept ones in
+                    # (key, column) order, one bank row at a time: the kept keys stay those
+                    # of distinct bank rows; late tiles rarely have any. The order is the
+                    # only state (last key and column per row): no tile-sized loop state.
+                    lastv = tl.full([BLOCK_N], float("-inf"), tl.float32)
+                    lastc = tl.full([BLOCK_N], -1, tl.int32)
+                    while tl.sum(((key < kth[:, None]) & ((key > lastv[:, None]) | (
+                            (key == lastv[:, None]) & (cols[None, :] > lastc[:, None])))).to(tl.int32)) > 0:
+                        rem = (key < kth[:, None]) & ((key > lastv[:, None]) | (
+                            (key == lastv[:, None]) & (cols[None, :] > lastc[:, None])))
+                        lastv = tl.min(tl.where(rem, key, float("inf")), axis=1)
+                        lastc = tl.min(tl.where(rem & (key == lastv[:, None]), cols[None, :], 2147483647), axis=1)
                         cmax, am = tl.max(lst, axis=1, return_indices=True)
-                        hit = (kidx[None, :] == am[:, None]) & (v < cmax)[:, None]
-                        lst = tl.where(hit, v[:, None], lst)
+                        hit = (kidx[None, :] == am[:, None]) & (lastv < cmax)[:, None]
+                        lst = tl.where(hit, lastv[:, None], lst)
                         kth = tl.max(lst, axis=1)
-                        rem = rem & (cols[None, :] != vc[:, None]) & (key < kth[:, None])
                 thr = kth + 2.0 * pa
             else:
                 thr = pa
-            cm = elig & (key <= thr[:, None])
-            ncol = tl.sum(cm.to(tl.int32), axis=1)
+            # ineligible keys are +inf, and thr may be +inf (fewer than k keys seen so far)
+            ncol = tl.sum(((key <= thr[:, None]) & (key < float("inf"))).to(tl.int32), axis=1)
             if tl.max(ncol, axis=0) > 0:
                 # Reserve ncol slots per row (the count keeps growing past cap: overflow ->
-                # exact fallback), then write the candidates one per row and step, lowest
-                # column first: no prefix sum, no scatter of a whole tile of addresses.
+                # exact fallback), then write the candidates one per row and step in column
+                # order (the last column written is the only loop state): no prefix sum,
+                # no scatter of a whole tile of addresses, no tile-sized loop state.
                 base = tl.atomic_add(cnt_ptr + crow, ncol, mask=ncol > 0)
                 todo = tl.where(ncol > 0, tl.minimum(ncol, tl.maximum(cap - base, 0)), 0)
                 dst = cand_ptr + crow * cap + base
+                c = tl.full([BLOCK_N], -1, tl.int32)
                 for j in range(0, tl.max(todo, axis=0)):
-                    c = tl.min(tl.where(cm, cols[None, :], 2147483647), axis=1)
+                    nxt = (key <= thr[:, None]) & (key < float("inf")) & (cols[None, :] > c[:, None])
+                    c = tl.min(tl.where(nxt, cols[None, :], 2147483647), axis=1)
                     tl.store(dst + j, c, mask=j < todo)
-                    cm = cm & (cols[None, :] != c[:, None])
 
     if MODE == 3:
         o = (crow * n_splits + pid_s) * 2

@@ -100,10 +100,10 @@ def _dot_config(dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4)
     # 8 warps: the running top-K (64 x 32 values and keys) and the 64 x 64 logit
     # tile fit in registers without spills on sm_80 and sm_90 (tests/test_aot_compile.py):
-    # float32 (FMA dots) with 16-wide operand chunks; 16-bit inputs with a register cap
-    # of 192, without which ptxas picks 80 registers and spills on sm_80.
+    # float32 (FMA dots) with 16-wide operand chunks; a register cap of 192, without
+    # which ptxas picks 80 (16-bit, sm_80) or 128 (float32) registers and spills.
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, maxnreg=192)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, maxnreg=192)
 
 
