@@ -98,6 +98,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fastad.evaluate import parse_overrides
+    from fastad.train import train
+
+    try:
+        train(args.method, args.data, args.out, layout=args.layout,
+              categories=[c for c in args.categories.split(",") if c] if args.categories else None,
+              shots=args.shots, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+              device=args.device, backbone=args.backbone, config=parse_overrides(args.config),
+              protocol=parse_overrides(args.protocol), steps_per_epoch=args.steps_per_epoch, resume=args.resume,
+              progress=not args.no_progress, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+              backend=args.backend)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # EvaluationError is a ValueError
+        print(f"fastad train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="fastad", description=__doc__)
@@ -153,6 +171,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-overlays", action="store_true", help="skip the PNG overlays")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=_cmd_evaluate)
+
+    p = sub.add_parser("train", help="train InCTRL / InCTRLv2, DictAS or iCAS on an MVTec AD / VisA folder "
+                                     "(torchrun --nproc_per_node N -m fastad.cli train ... for data parallel)")
+    p.add_argument("--method", required=True, choices=("inctrlv2", "dictas", "icas"),
+                   help="inctrlv2 (InCTRL v1 with --config preset=v1), dictas or icas")
+    p.add_argument("--data", required=True, help="auxiliary dataset root (MVTec AD layout, or VisA split_csv)")
+    p.add_argument("--layout", default="auto", choices=("auto", "mvtec", "visa"))
+    p.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, config.json, losses.csv/png)")
+    p.add_argument("--shots", type=int, default=None, help="references per query (default: the protocol's)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (over all processes)")
+    p.add_argument("--steps-per-epoch", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backbone", default=None, help="frozen backbone weights: CLIP (inctrlv2, dictas), DINOv2 (icas)")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="model constructor override, as fastad evaluate --config (repeatable)")
+    p.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
+                   help="training protocol override (fastad.train.Protocol field), repeatable")
+    p.add_argument("--backend", default="fastad", choices=("fastad", "reference"))
+    p.add_argument("--cache-dir", default=None, help="frozen-feature cache (default ~/.cache/fastad/features)")
+    p.add_argument("--no-cache", action="store_true", help="re-encode every image at every step")
+    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=_cmd_train)
 
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -1,0 +1,195 @@
+"""``fastad train``: every method on tiny random models and the synthetic demo data — the
+loss goes down, the checkpoint loads in ``fastad evaluate``, an interrupted run resumes
+bit-identically, 2 gloo processes under torchrun equal one process, bad data is named, and
+training improves the heads' image AUROC on a held-out category."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastad
+from fastad import cli
+from fastad.data import synthetic
+from fastad.data.training import load_training_set
+from fastad.evaluate import build_runner, evaluate
+from fastad.train import (FeatureSource, _batch, _loss_fn, _text_prototypes, make_plan, protocol_defaults,
+                          train)
+
+CATS = ("brick", "grass")
+TINY_CLIP = {"backbone": "fastad-tiny", "image_size": 64, "layers": (1, 2, 3, 4)}
+TINY_ICAS = {"encoder": "vit_small_patch14_dinov2", "encoder_kwargs": {"depth": 2, "num_heads": 2, "embed_dim": 32},
+             "image_size": 70, "dim": 32, "num_queries": 12, "num_layers": 2, "num_heads": 4, "ffn_dim": 48}
+# DictAS's generator dropout is off so that 2 processes can equal 1 (each process draws its own masks)
+CONFIGS = {"inctrlv2": TINY_CLIP, "dictas": {**TINY_CLIP, "generator_dropout": 0.0}, "icas": TINY_ICAS}
+SCHEDULE = {"epochs": 2, "batch_size": 4, "steps_per_epoch": 2, "lr": 1e-3, "seed": 0}
+METHODS = tuple(CONFIGS)
+
+
+def _cli_config(cfg: dict) -> list[str]:
+    return [a for k, v in cfg.items() for a in ("--config", f"{k}={v!r}" if not isinstance(v, str) else f"{k}={v}")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    synthetic.make_demo_dataset(root, categories=CATS, size=48, n_train=4, n_test_good=2, n_test_defect=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+@pytest.fixture(scope="module")
+def trained(data, cache, tmp_path_factory) -> dict[str, Path]:
+    """One uninterrupted 2-epoch run per method (shared by the tests below)."""
+    outs = {}
+    for method, cfg in CONFIGS.items():
+        out = tmp_path_factory.mktemp(f"train-{method}")
+        outs[method] = train(method, data, out, config=cfg, cache_dir=cache, progress=False, verbose=False,
+                             **SCHEDULE)
+    return outs
+
+
+def _fixed_batch_loss(method: str, data: Path, ckpt: Path) -> tuple[float, float]:
+    """The training loss of epoch 0's first batch with the initial weights and the trained ones."""
+    cfg = CONFIGS[method]
+    ts = load_training_set(data, CATS)
+    torch.manual_seed(SCHEDULE["seed"])  # train() builds the model right after this seed
+    runner = build_runner(method, CATS[0], config=cfg)
+    model = runner.model
+    proto = dataclasses.replace(protocol_defaults(method, model), epochs=2, batch_size=4, steps_per_epoch=2)
+    enc = model.encode if method == "icas" else (lambda im: model.encode(runner._norm(im)))
+    src = FeatureSource(ts, runner.size, enc, None, torch.device("cpu"))
+    batch = _batch(method, make_plan(proto, ts, 0, 0)[0], src, ts, _text_prototypes(method, model, ts.categories))
+    loss = _loss_fn(method, proto, 1)
+    model.train()
+    with torch.no_grad():
+        before = float(loss(model, batch)["loss"])
+        model.load_state_dict(torch.load(ckpt, weights_only=False)["model"])
+        after = float(loss(model, batch)["loss"])
+    return before, after
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_reduces_the_loss_and_writes_its_outputs(trained, data, method):
+    out = trained[method].parent
+    for name in ("checkpoint.pt", "epoch-1.pt", "epoch-2.pt", "config.json", "losses.csv", "losses.png"):
+        assert (out / name).is_file(), name
+    with open(out / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and "loss" in rows[0] and len(rows[0]) > 3  # epoch, step, loss and its terms
+    config = json.loads((out / "config.json").read_text())
+    assert config["protocol"]["batch_size"] == 4 and config["versions"]["torch"] == torch.__version__
+    assert config["split"]["summary"]["brick"] == {"train_normal": 4, "test_normal": 2, "test_anomalous": 3}
+    before, after = _fixed_batch_loss(method, data, trained[method])
+    assert after < before, (before, after)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_checkpoint_loads_unchanged_in_evaluate(trained, method):
+    state = torch.load(trained[method], weights_only=False)["model"]
+    torch.manual_seed(123)  # another random init: every weight must come from the checkpoint
+    model = build_runner(method, "brick", checkpoint=str(trained[method]), config=CONFIGS[method]).model
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_after_an_interruption_is_bit_identical(trained, data, cache, tmp_path, method):
+    class Interrupted(Exception):
+        pass
+
+    def stop(epoch: int) -> None:
+        if epoch == 1:
+            raise Interrupted
+
+    out = tmp_path / "run"
+    kwargs = dict(config=CONFIGS[method], cache_dir=cache, progress=False, verbose=False, **SCHEDULE)
+    with pytest.raises(Interrupted):
+        train(method, data, out, on_epoch_end=stop, **kwargs)
+    assert (out / "epoch-1.pt").is_file() and not (out / "epoch-2.pt").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(method, data, out, **kwargs)
+    train(method, data, out, resume=True, **kwargs)
+    got = torch.load(out / "checkpoint.pt", weights_only=False)
+    want = torch.load(trained[method], weights_only=False)
+    assert got["model"].keys() == want["model"].keys()
+    assert all(torch.equal(got["model"][k], want["model"][k]) for k in want["model"])
+    assert [r["loss"] for r in got["history"]] == [r["loss"] for r in want["history"]]
+
+
+def test_two_gloo_processes_equal_one(trained, data, cache, tmp_path):
+    root = Path(fastad.__file__).resolve().parent.parent
+    runs = []
+    for method, cfg in CONFIGS.items():
+        runs.append(["train", "--method", method, "--data", str(data), "--out", str(tmp_path / method),
+                     "--epochs", "2", "--batch-size", "4", "--steps-per-epoch", "2", "--lr", "1e-3",
+                     "--cache-dir", str(cache), "--no-progress", *_cli_config(cfg)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "0", str(root / "tests" / "train_ddp_main.py"), json.dumps(runs)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    for method in CONFIGS:
+        got = torch.load(tmp_path / method / "checkpoint.pt", weights_only=False)["model"]
+        want = torch.load(trained[method], weights_only=False)["model"]
+        for k, v in want.items():
+            if v.is_floating_point():
+                torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5, msg=f"{method} {k}")
+            else:
+                assert torch.equal(got[k], v), (method, k)
+
+
+def test_bad_data_is_named(data, tmp_path, capsys):
+    def run(*args: str) -> tuple[int, str]:
+        rc = cli.main(["train", "--no-progress", "--out", str(tmp_path / "o"), *args])
+        return rc, capsys.readouterr().err
+
+    rc, err = run("--method", "dictas", "--data", str(tmp_path / "missing"))
+    assert rc == 2 and f"dataset folder {tmp_path / 'missing'} does not exist" in err
+    (tmp_path / "empty").mkdir()
+    rc, err = run("--method", "dictas", "--data", str(tmp_path / "empty"))
+    assert rc == 2 and "holds no category" in err and str(tmp_path / "empty") in err
+    rc, err = run("--method", "icas", "--data", str(data), "--categories", "brick,cable")
+    assert rc == 2 and "'cable'" in err and str(data) in err
+    broken = tmp_path / "broken"
+    synthetic.make_demo_dataset(broken, categories=("brick",), size=16, n_train=2, n_test_good=1, n_test_defect=1)
+    mask = broken / "brick" / "ground_truth" / "hole" / "000_mask.png"
+    mask.unlink()
+    rc, err = run("--method", "icas", "--data", str(broken))
+    assert rc == 2 and str(mask) in err
+    synthetic.make_demo_dataset(broken, categories=("brick",), size=16, n_train=2, n_test_good=1, n_test_defect=1)
+    bad = broken / "brick" / "train" / "good" / "001.png"
+    bad.write_bytes(b"not a png")
+    rc, err = run("--method", "inctrlv2", "--data", str(broken))
+    assert rc == 2 and f"cannot read image {bad}" in err
+    rc, err = run("--method", "inctrlv2", "--data", str(data), "--resume")
+    assert rc == 2 and "nothing to resume" in err
+
+
+def test_training_improves_the_image_auroc_on_a_held_out_category(tmp_path):
+    """InCTRLv2's heads trained on brick + grass, evaluated 2-shot on gravel (never seen)."""
+    root = tmp_path / "demo"
+    synthetic.make_demo_dataset(root, categories=("brick", "grass", "gravel"), size=48, n_train=6, n_test_good=6,
+                                n_test_defect=3)
+    ckpt = train("inctrlv2", root, tmp_path / "out", categories=["brick", "grass"], config=TINY_CLIP,
+                 cache_dir=tmp_path / "cache", progress=False, verbose=False, epochs=3, batch_size=8,
+                 steps_per_epoch=4, lr=1e-3)
+    auroc = {}
+    for name, checkpoint in (("untrained", None), ("trained", str(ckpt))):
+        torch.manual_seed(0)  # the untrained heads are the trained run's initial weights
+        runner = build_runner("inctrlv2", "gravel", checkpoint=checkpoint, config=TINY_CLIP)
+        auroc[name] = evaluate(runner, root, "gravel", shots=2, progress=False).metrics["image_auroc"]
+    print(f"gravel image AUROC, untrained {auroc['untrained']:.3f} -> trained {auroc['trained']:.3f}")
+    assert auroc["trained"] > auroc["untrained"] + 0.05, auroc
