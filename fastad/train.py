@@ -291,18 +291,36 @@ def _dist_env(device: str) -> tuple[int, int, str]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; its gradient is the sum of the processes' gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        g = grad.clone()
+        dist.all_reduce(g)
+        return g
+
+
 class _GlobalBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics span the global batch of all processes
-    (differentiable all-reduce; SyncBatchNorm runs on GPUs only). Same state-dict keys."""
+    (SyncBatchNorm runs on GPUs only). Same state-dict keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        import torch.distributed.nn.functional as dnn
-
-        n = dnn.all_reduce(x.new_tensor([float(x.shape[0])]))
-        mean = dnn.all_reduce(x.sum(0)) / n
-        var = dnn.all_reduce(((x - mean) ** 2).sum(0)) / n
+        n = _AllReduceSum.apply(x.new_tensor([float(x.shape[0])]))
+        mean = _AllReduceSum.apply(x.sum(0)) / n
+        var = _AllReduceSum.apply(((x - mean) ** 2).sum(0)) / n
         with torch.no_grad():
             m = self.momentum
             self.running_mean.mul_(1 - m).add_(m * mean.detach())
