@@ -207,17 +207,18 @@ def test_bad_data_is_named(data, tmp_path, capsys):
 
 
 def test_training_improves_the_image_auroc_on_a_held_out_category(tmp_path):
-    """InCTRLv2's heads trained on brick + grass, evaluated 2-shot on gravel (never seen)."""
+    """DictAS's generators trained on brick + grass, evaluated 2-shot on gravel (never seen),
+    against the same run's initial weights (tiny random CLIP: 0.44 -> 0.76 when written)."""
     root = tmp_path / "demo"
     synthetic.make_demo_dataset(root, categories=("brick", "grass", "gravel"), size=48, n_train=6, n_test_good=6,
                                 n_test_defect=3)
-    ckpt = train("inctrlv2", root, tmp_path / "out", categories=["brick", "grass"], config=TINY_CLIP,
+    ckpt = train("dictas", root, tmp_path / "out", categories=["brick", "grass"], config=TINY_CLIP,
                  cache_dir=tmp_path / "cache", progress=False, verbose=False, epochs=3, batch_size=8,
-                 steps_per_epoch=4, lr=1e-3)
+                 steps_per_epoch=6, lr=1e-3)
     auroc = {}
     for name, checkpoint in (("untrained", None), ("trained", str(ckpt))):
-        torch.manual_seed(0)  # the untrained heads are the trained run's initial weights
-        runner = build_runner("inctrlv2", "gravel", checkpoint=checkpoint, config=TINY_CLIP)
+        torch.manual_seed(0)  # the untrained generators are the trained run's initial weights
+        runner = build_runner("dictas", "gravel", checkpoint=checkpoint, config=TINY_CLIP)
         auroc[name] = evaluate(runner, root, "gravel", shots=2, progress=False).metrics["image_auroc"]
     print(f"gravel image AUROC, untrained {auroc['untrained']:.3f} -> trained {auroc['trained']:.3f}")
-    assert auroc["trained"] > auroc["untrained"] + 0.05, auroc
+    assert auroc["trained"] > auroc["untrained"] + 0.15, auroc
