@@ -14,10 +14,10 @@ stalls on a loaded machine); default: torch's choice.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
+from bench_models_clip import intra_op_threads  # noqa: F401  (autouse: FASTAD_BENCH_THREADS)
 
 from fastad.data import synthetic
 from fastad.data.training import load_training_set
@@ -37,14 +37,6 @@ SIZES = {
              "icas": {"encoder": "vit_small_patch14_dinov2", "image_size": 224, "num_queries": 100}},
 }
 STEPS, BATCH = 4, 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def intra_op_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("FASTAD_BENCH_THREADS", before)))
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,10 @@ Protocols (``Protocol`` fields; every default below can be overridden, and is re
   itself, is drawn with probability 1/8 where the authors keep it with probability 0.1);
   their EMA copy (decay 0.1) only serves their best-checkpoint selection and is not kept.
 * iCAS [paper §3.1, §3.3, §4.2]: AdamW lr 1e-4, weight decay 0.05, batch 32; the
-  anomaly-aware stage (5 epochs) on the auxiliary set; the generic stage (50 epochs on
-  COCO / ADE20K / Objects365 with SAM masks) needs data that fastad does not read: run it by
-  training on such a folder first, then pass ``--resume``-free ``--config`` of the same model.
+  anomaly-aware stage (5 epochs) on the auxiliary set, from freshly initialised heads. Not the
+  same: the generic stage before it (50 epochs on COCO / ADE20K / Objects365 with SAM masks)
+  needs data that fastad does not read, and there is no option yet to start the second stage
+  from its weights.
   Episodes: each test image of the set is the target once per epoch; an anomalous target
   is prompted with probability ``anomaly_prompting`` (0.5) [choice] by a view of itself with
   its mask (the paper's reference = augmented copy of the target; copy-paste augmentation

@@ -20,8 +20,8 @@ from fastad import cli
 from fastad.data import synthetic
 from fastad.data.training import load_training_set
 from fastad.evaluate import build_runner, evaluate
-from fastad.train import (FeatureSource, _batch, _loss_fn, _text_prototypes, make_plan, protocol_defaults,
-                          train)
+from fastad.train import (FeatureSource, Protocol, _batch, _loss_fn, _text_prototypes, make_plan,
+                          protocol_defaults, train)
 
 CATS = ("brick", "grass")
 TINY_CLIP = {"backbone": "fastad-tiny", "image_size": 64, "layers": (1, 2, 3, 4)}
@@ -177,6 +177,54 @@ def test_two_gloo_processes_equal_one(trained, data, cache, tmp_path):
                                            msg=f"{method} {k}")
             else:
                 assert torch.equal(got["model"][k], v), (method, k)
+
+
+def test_plans_follow_the_protocols(data):
+    """Who is in a batch, per protocol (pure functions of the data, the epoch and the seed)."""
+    ts = load_training_set(data, CATS)
+    proto = lambda name, **kw: Protocol(name, epochs=1, lr=1e-3, **kw)  # noqa: E731
+    # InCTRL v1: balanced normal / anomalous, `shots` other normals of the query's category
+    for items in make_plan(proto("inctrl-v1", batch_size=8, steps_per_epoch=3), ts, 0, 0):
+        assert [ts.images[it.q].label for it in items] == [0] * 4 + [1] * 4
+        for it in items:
+            assert len(it.refs) == 2 and all(ts.images[r].label == 0 and r != it.q and
+                                             ts.images[r].category == ts.images[it.q].category for r, _ in it.refs)
+    # InCTRLv2: half DASL from the test split, half OASL from the train split (normal)
+    plan = make_plan(proto("inctrlv2", batch_size=4), ts, 0, 0)
+    assert len(plan) == len(ts.select(split="test")) // 2
+    for items in plan:
+        assert [it.group for it in items] == ["dasl", "dasl", "oasl", "oasl"]
+        assert all(ts.images[it.q].split == ("test" if it.group == "dasl" else "train") for it in items)
+    # DictAS: every image once per epoch, its dictionary built from a view of itself
+    plan = make_plan(proto("dictas", batch_size=2, shots=1), ts, 1, 0)
+    assert sorted(it.q for items in plan for it in items) == list(range(len(ts.images)))
+    assert all(r == it.q for items in plan for it in items for r, _ in it.refs)
+    # iCAS: anomaly prompting (a view >= 1 of the target itself) only for anomalous targets
+    items = [it for items in make_plan(proto("icas", batch_size=2), ts, 0, 0) for it in items]
+    assert {it.prompt for it in items} == {"anomaly", "normal"}
+    for it in items:
+        (r, v), = it.refs
+        if it.prompt == "anomaly":
+            assert r == it.q and v >= 1 and ts.images[it.q].label == 1
+        else:
+            assert ts.images[r].split == "train" and ts.images[r].category == ts.images[it.q].category
+    assert make_plan(proto("icas", batch_size=2), ts, 3, 0)[0][0].q == make_plan(proto("icas", batch_size=2), ts, 3,
+                                                                                 0)[0][0].q
+
+
+def test_inctrl_v1_trains_and_evaluates(data, cache, tmp_path, capsys):
+    cfg = ["--config", "preset=v1", *_cli_config(TINY_CLIP)]
+    rc = cli.main(["train", "--method", "inctrlv2", "--data", str(data), "--out", str(tmp_path / "v1"), "--epochs",
+                   "1", "--batch-size", "4", "--steps-per-epoch", "2", "--cache-dir", str(cache), "--no-progress", *cfg])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "| epoch | loss | image | image_residual | seconds |" in out.out and "inctrl-v1" in out.out
+    config = json.loads((tmp_path / "v1" / "config.json").read_text())
+    assert config["protocol"]["name"] == "inctrl-v1" and config["model_config"]["version"] == "v1"
+    rc = cli.main(["evaluate", "--method", "inctrlv2", "--data", str(data), "--category", "grass", "--shots", "2",
+                   "--checkpoint", str(tmp_path / "v1" / "checkpoint.pt"), "--out", str(tmp_path / "ev"),
+                   "--no-overlays", "--no-progress", *cfg])
+    assert rc == 0, capsys.readouterr().err
 
 
 def test_bad_data_is_named(data, tmp_path, capsys):

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from fastad.data.mvtec import image_shape, mvtec_categories, read_image, read_mask
+from fastad.data.mvtec import image_shape, mvtec_categories, read_image, read_mask, resolve_layout
 
 __all__ = ["TrainImage", "TrainingSet", "load_training_set", "dihedral", "N_VIEWS", "read_view"]
 
@@ -67,10 +67,7 @@ def load_training_set(root: str | Path, categories: Sequence[str] | None = None,
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
-    if layout == "auto":
-        layout = "visa" if (root / "split_csv" / "1cls.csv").is_file() else "mvtec"
-    if layout not in ("mvtec", "visa"):
-        raise ValueError(f"unknown layout {layout!r}; expected auto, mvtec or visa")
+    layout = resolve_layout(root, layout)
     found = mvtec_categories(root) if layout == "mvtec" else _visa_categories(root)
     if not categories:
         if not found:
