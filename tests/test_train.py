@@ -270,3 +270,28 @@ def test_training_improves_the_image_auroc_on_a_held_out_category(tmp_path):
         auroc[name] = evaluate(runner, root, "gravel", shots=2, progress=False).metrics["image_auroc"]
     print(f"gravel image AUROC, untrained {auroc['untrained']:.3f} -> trained {auroc['trained']:.3f}")
     assert auroc["trained"] > auroc["untrained"] + 0.15, auroc
+
+
+def test_the_models_take_cached_features_and_split_dasl_from_oasl():
+    """The additive model hooks training uses: iCAS's loss on encoder outputs equals its loss
+    on the images; InCTRLv2's OASL images must be normal."""
+    from fastad.models import ICAS, InCTRLv2
+
+    torch.manual_seed(0)
+    icas = ICAS(**TINY_ICAS).train()
+    g = torch.Generator().manual_seed(1)
+    images, refs = torch.rand(2, 3, 70, 70, generator=g), torch.rand(2, 3, 70, 70, generator=g)
+    masks = (torch.rand(2, 1, 70, 70, generator=g) > 0.8).float()
+    direct = icas.loss(images, masks, refs, masks)
+    cached = icas.loss(icas.encode(images), masks, icas.encode(refs), masks, encoded=True)
+    assert torch.equal(direct["loss"], cached["loss"])
+    model = InCTRLv2("v2", **TINY_CLIP)
+    feats = model.encode(torch.rand(2, 3, 64, 64, generator=g))
+    ref_feats = model.encode(torch.rand(4, 3, 64, 64, generator=g))
+    text = torch.nn.functional.normalize(torch.randn(2, 48, generator=g), dim=-1)
+    with pytest.raises(ValueError, match="OASL images"):
+        model.compute_losses(feats, ref_feats, torch.tensor([0, 1]), torch.zeros(2, 64, 64), text_features=text,
+                             oasl=torch.tensor([False, True]))
+    out = model.compute_losses(feats, ref_feats, torch.tensor([1, 0]), torch.zeros(2, 64, 64), text_features=text,
+                               oasl=torch.tensor([False, True]))
+    assert set(out) == {"loss", "dasl", "image", "oasl"} and torch.isfinite(out["loss"])
