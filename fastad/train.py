@@ -484,6 +484,10 @@ def train(method: str, data: str | os.PathLike, out: str | os.PathLike, *, layou
     is called after each epoch's checkpoint is written."""
     if method not in METHODS:
         raise ValueError(f"--method: unknown method {method!r}; fastad train supports {METHODS}")
+    try:
+        import matplotlib  # noqa: F401  (losses.png; checked before hours of training, not after)
+    except ImportError as exc:
+        raise ValueError("fastad train plots losses.png with matplotlib: pip install 'fastad[train]'") from exc
     t_start = time.perf_counter()
     rank, world, device = _dist_env(device)
     out = Path(out)
