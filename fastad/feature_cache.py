@@ -25,7 +25,7 @@ import torch
 
 from fastad._io import atomic_write
 
-__all__ = ["FeatureCache", "cache_key_digest"]
+__all__ = ["FeatureCache", "cache_key_digest", "weights_digest"]
 
 
 def cache_key_digest(key: Mapping[str, Any]) -> str:
@@ -37,10 +37,24 @@ def cache_key_digest(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def _hash_tensor(h: Any, t: torch.Tensor, name: str = "") -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A digest of a module's parameters and buffers (names, dtypes, shapes, bytes), for
+    ``key``: it tells random initialisations and different checkpoints apart."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        _hash_tensor(h, t, name)
+    return h.hexdigest()[:20]
+
+
 def _image_digest(image: torch.Tensor) -> str:
-    t = image.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h = hashlib.sha256()
+    _hash_tensor(h, image)
     return h.hexdigest()[:32]
 
 

@@ -263,7 +263,8 @@ class ICAS(nn.Module):
 
     Args:
         encoder: timm DINOv2 ViT name (``vit_large_patch14_dinov2``; tests use small configs).
-        checkpoint_path: local encoder weights; None gives random weights. Nothing is downloaded.
+        backbone_weights: local encoder weights; None gives random weights. Nothing is downloaded.
+            ``checkpoint_path`` is its deprecated name.
         encoder_kwargs: extra ``timm.create_model`` arguments (e.g. ``depth=2`` for tests).
         image_size: encoder input side (518); images are resized to it.
         dim, num_queries, num_layers, num_heads, ffn_dim: decoder width (256), K (200), layers (6),
@@ -280,8 +281,12 @@ class ICAS(nn.Module):
                  num_layers: int = 6, num_heads: int = 8, ffn_dim: int = 2048, gqs_metric: str = "l2",
                  gqs_init: int = 0, use_mfm: bool = True, mask_threshold: float = 0.7,
                  class_weight: float = 2.0, mask_weight: float = 5.0, dice_weight: float = 5.0,
-                 no_object_weight: float = 0.1, backend: str = "reference", ops_backend: Optional[str] = None) -> None:
+                 no_object_weight: float = 0.1, backend: str = "reference", ops_backend: Optional[str] = None,
+                 backbone_weights: Optional[str] = None) -> None:
+        from fastad.models.checkpoint import backbone_weights_arg  # local: keeps the import block untouched
+
         super().__init__()
+        checkpoint_path = backbone_weights_arg("ICAS", backbone_weights, "checkpoint_path", checkpoint_path)
         _check_backend(backend)
         if gqs_metric not in ("l2", "cosine"):
             raise ValueError(f"fastad.models.ICAS: `gqs_metric` must be 'l2' or 'cosine', got {gqs_metric!r}")

@@ -291,13 +291,14 @@ class InCTRLv2(FewShotCLIPModel):
 
     Args:
         config: an ``InCTRLConfig`` or a preset name ("v1", "v2").
-        pretrained: CLIP weights for the backbone (local path, open_clip tag, or None for random).
+        backbone_weights: CLIP weights for the backbone (local path, open_clip tag, or None for
+            random); ``pretrained`` is its deprecated name.
         backend: "reference" or "fastad" (settable later through ``model.backend``).
         **overrides: config fields that replace the preset's.
 
     Use::
 
-        model = InCTRLv2("v2", pretrained="ViT-L-14-336.pt").eval()
+        model = InCTRLv2("v2", backbone_weights="ViT-L-14-336.pt").eval()
         model.set_references(normal_images, category="candle")      # once per category
         with torch.no_grad():
             scores, maps = model(images)                              # [B], [B, H, W]
@@ -306,8 +307,11 @@ class InCTRLv2(FewShotCLIPModel):
     resize_mode = "shortest"  # engine_test.py: Resize(S, bicubic) on the shorter side, CenterCrop(S)
 
     def __init__(self, config: InCTRLConfig | str = "v2", pretrained: str | None = None, backend: str = "reference",
-                 **overrides: Any) -> None:
+                 *, backbone_weights: str | None = None, **overrides: Any) -> None:
+        from fastad.models.checkpoint import backbone_weights_arg  # local: keeps the import block untouched
+
         super().__init__(backend)
+        pretrained = backbone_weights_arg("InCTRLv2", backbone_weights, "pretrained", pretrained)
         if isinstance(config, str):
             config = InCTRLConfig.preset(config, **overrides)
         elif overrides:
