@@ -387,16 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=("inctrlv2", "dictas", "icas"),
                    help="inctrlv2 (InCTRL v1 with --config preset=v1), dictas or icas")
     p.add_argument("--data", required=True, help="auxiliary dataset root (MVTec AD layout, or VisA split_csv)")
-    p.add_argument("--layout", default="auto", choices=("auto", "mvtec", "visa"))
+    p.add_argument("--layout", default="auto", choices=("auto", "mvtec", "visa"),
+                   help="dataset layout (auto: visa when split_csv/1cls.csv exists)")
     p.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
     p.add_argument("--out", required=True, help="output folder (checkpoints, config.json, losses.csv/png)")
     p.add_argument("--shots", type=int, default=None, help="references per query (default: the protocol's)")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the protocol's)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (over all processes)")
-    p.add_argument("--steps-per-epoch", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="steps per epoch (default: the protocol's, usually one pass over the data)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the protocol's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the batches")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--backbone-weights", dest="backbone_weights", default=None, metavar="PATH",
                    help="weights file of the frozen backbone: CLIP (inctrlv2, dictas), DINOv2 (icas); "
                         "default random (the checkpoint then holds it)")
@@ -406,11 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model constructor override, as fastad evaluate --config (repeatable)")
     p.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
                    help="training protocol override (fastad.train.Protocol field), repeatable")
-    p.add_argument("--backend", default="fastad", choices=("fastad", "reference"))
+    p.add_argument("--backend", default="fastad", choices=("fastad", "reference"),
+                   help="the model's fast path (default) or the reference transcription")
     p.add_argument("--cache-dir", default=None, help="frozen-feature cache (default ~/.cache/fastad/features)")
     p.add_argument("--no-cache", action="store_true", help="re-encode every image at every step")
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_train)
 
     from fastad.distributed.cli import add_score_parser, add_sweep_parser
