@@ -102,6 +102,7 @@ def test_training_reduces_the_loss_and_writes_its_outputs(trained, data, method)
     assert config["protocol"]["batch_size"] == 4 and config["versions"]["torch"] == torch.__version__
     assert config["split"]["summary"]["brick"] == {"train_normal": 4, "test_normal": 2, "test_anomalous": 3}
     before, after = _fixed_batch_loss(method, data, trained[method])
+    print(f"{method}: loss of the first batch {before:.4f} -> {after:.4f} after 2 steps")
     assert after < before, (before, after)
 
 
