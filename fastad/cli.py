@@ -234,6 +234,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fastad.evaluate import parse_overrides
+    from fastad.train import train
+
+    train(args.method, args.data, args.out, layout=args.layout,
+          categories=[c for c in args.categories.split(",") if c] if args.categories else None,
+          shots=args.shots, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+          device=args.device, backbone=args.backbone_weights, config=parse_overrides(args.config),
+          protocol=parse_overrides(args.protocol), steps_per_epoch=args.steps_per_epoch, resume=args.resume,
+          progress=not args.no_progress, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+          backend=args.backend)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def _weights_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="the method's trained weights")
@@ -367,6 +381,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true", help="skip the PNG overlays")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_evaluate)
+
+    p = sub.add_parser("train", help="train InCTRL / InCTRLv2, DictAS or iCAS on an MVTec AD / VisA folder "
+                                     "(torchrun --nproc_per_node N -m fastad.cli train ... for data parallel)")
+    p.add_argument("--method", required=True, choices=("inctrlv2", "dictas", "icas"),
+                   help="inctrlv2 (InCTRL v1 with --config preset=v1), dictas or icas")
+    p.add_argument("--data", required=True, help="auxiliary dataset root (MVTec AD layout, or VisA split_csv)")
+    p.add_argument("--layout", default="auto", choices=("auto", "mvtec", "visa"),
+                   help="dataset layout (auto: visa when split_csv/1cls.csv exists)")
+    p.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, config.json, losses.csv/png)")
+    p.add_argument("--shots", type=int, default=None, help="references per query (default: the protocol's)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the protocol's)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (over all processes)")
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="steps per epoch (default: the protocol's, usually one pass over the data)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the protocol's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the batches")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--backbone-weights", dest="backbone_weights", default=None, metavar="PATH",
+                   help="weights file of the frozen backbone: CLIP (inctrlv2, dictas), DINOv2 (icas); "
+                        "default random (the checkpoint then holds it)")
+    p.add_argument("--backbone", dest="backbone_weights", action=_DeprecatedAlias, new="--backbone-weights",
+                   metavar="PATH", help="deprecated alias of --backbone-weights")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="model constructor override, as fastad evaluate --config (repeatable)")
+    p.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
+                   help="training protocol override (fastad.train.Protocol field), repeatable")
+    p.add_argument("--backend", default="fastad", choices=("fastad", "reference"),
+                   help="the model's fast path (default) or the reference transcription")
+    p.add_argument("--cache-dir", default=None, help="frozen-feature cache (default ~/.cache/fastad/features)")
+    p.add_argument("--no-cache", action="store_true", help="re-encode every image at every step")
+    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_cmd_train)
 
     from fastad.distributed.cli import add_score_parser, add_sweep_parser
 

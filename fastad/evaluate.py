@@ -33,7 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fastad._memory import PeakMemory
-from fastad.data.mvtec import CategorySplit, image_shape, load_mvtec, load_visa, read_image, read_mask
+from fastad.data.mvtec import (CategorySplit, image_shape, load_mvtec, load_visa, read_image, read_mask,
+                               resolve_layout)
 
 METHODS = ("inctrlv2", "dictas", "saa_plus", "icas")
 
@@ -330,11 +331,8 @@ def load_split(data: str | Path, category: str, layout: str = "auto") -> tuple[C
     data = Path(data)
     if not data.is_dir():
         raise EvaluationError(f"dataset folder {data} does not exist")
-    if layout == "auto":
-        layout = "visa" if (data / "split_csv" / "1cls.csv").is_file() else "mvtec"
-    if layout not in ("mvtec", "visa"):
-        raise EvaluationError(f"unknown layout {layout!r}; expected auto, mvtec or visa")
     try:
+        layout = resolve_layout(data, layout)
         split = load_mvtec(data, category) if layout == "mvtec" else load_visa(data, category)
     except (FileNotFoundError, ValueError) as exc:
         raise EvaluationError(str(exc)) from exc

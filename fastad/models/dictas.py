@@ -56,7 +56,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -540,7 +540,8 @@ class DictAS(FewShotCLIPModel):
     # ------------------------------------------------------------------ training
     def compute_losses(self, images: torch.Tensor | ImageFeatures, ref_images: torch.Tensor | ImageFeatures,
                        masks: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor | None = None,
-                       class_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+                       class_names: Sequence[str] | None = None,
+                       count_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The authors' self-supervised losses (train.py, models/DictAS.py "train_self").
 
         Args:
@@ -550,6 +551,9 @@ class DictAS(FewShotCLIPModel):
             masks: [B, H, W] anomaly masks of the queries.
             labels: [B] 0 normal / 1 anomalous.
             text_features: [2, D] or [B, 2, D]; else built from ``class_names``.
+            count_reduce: maps this batch's count of CQC-active images to the count that
+                normalises it (data-parallel training: the global count / world size, so
+                that averaged gradients equal those of the whole batch); None: unchanged.
 
         Per layer and scale, with d = 1 - cos(pooled query, retrieval) on the patch grid
         and the mask resized (bilinear, align_corners=True) and thresholded at 0.5:
@@ -608,7 +612,10 @@ class DictAS(FewShotCLIPModel):
                 loss_n = (d * g_normal).sum(1) / (g_normal.sum(1) + 1e-6)
                 loss_a = (d * g_abnormal).sum(1) / (g_abnormal.sum(1) + 1e-6)
                 cqc = torch.where(loss_a == 0, torch.zeros_like(loss_n), loss_n - loss_a).clamp(min=0)
-                loss_cqc = loss_cqc + cqc.sum() / ((cqc != 0).sum() + 1e-6)
+                active = (cqc != 0).sum()
+                if count_reduce is not None:
+                    active = count_reduce(active)
+                loss_cqc = loss_cqc + cqc.sum() / (active + 1e-6)
                 loss_query = loss_query + loss_n.mean()
         if not queries:
             raise ValueError("DictASConfig: training needs scale 1 in scales (the text alignment constraint)")

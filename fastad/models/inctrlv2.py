@@ -425,8 +425,8 @@ class InCTRLv2(FewShotCLIPModel):
     # ------------------------------------------------------------------ training
     def compute_losses(self, images: torch.Tensor | ImageFeatures, ref_images: torch.Tensor | ImageFeatures,
                        labels: torch.Tensor, masks: torch.Tensor | None = None,
-                       text_features: torch.Tensor | None = None, class_names: Sequence[str] | None = None
-                       ) -> dict[str, torch.Tensor]:
+                       text_features: torch.Tensor | None = None, class_names: Sequence[str] | None = None,
+                       oasl: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The papers' losses on a batch with per-image references (as the authors
         train: K random normals of the same category per query).
 
@@ -437,6 +437,9 @@ class InCTRLv2(FewShotCLIPModel):
             labels: [B] 0 normal / 1 anomalous.
             masks: v2 only, [B, H, W] pixel ground truth (None: all zero, i.e. normal images).
             text_features: [2, D] or [B, 2, D]; else computed from ``class_names``.
+            oasl: v2 only, [B] bool: True for the images that train only OASL (the paper's
+                auxiliary train split, normal images), False for the DASL images (its test
+                split). None: DASL on every image and OASL on the normal ones.
 
         v1: focal(final score) + focal(s_i) (BinaryFocalLoss, see the config's
         image_focal_on_logits). v2: L_DASL = focal(s) + Focal([Phi S_n, Phi S_a], G) +
@@ -485,9 +488,17 @@ class InCTRLv2(FewShotCLIPModel):
                     + dice_loss(up(0.5 * (Mx + S)), g))
 
         Mx = parts["patch_residual"]
-        l_img = binary_focal_loss(parts["image_scores"], y, logits=on_logits)
-        l_dasl = l_img + pixel_terms(parts["S_a"], Mx, gt)
-        normal = y < 0.5
+        if oasl is None:
+            l_img = binary_focal_loss(parts["image_scores"], y, logits=on_logits)
+            l_dasl = l_img + pixel_terms(parts["S_a"], Mx, gt)
+            normal = y < 0.5
+        else:
+            normal = oasl.to(self.device).bool()
+            if bool((y[normal] > 0.5).any()):
+                raise ValueError("fastad.models.InCTRLv2: OASL images (oasl=True) must be normal")
+            d = ~normal
+            l_img = binary_focal_loss(parts["image_scores"][d], y[d], logits=on_logits)
+            l_dasl = l_img + pixel_terms(parts["S_a"][d], Mx[d], gt[d])
         if bool(normal.any()):
             l_oasl = pixel_terms(parts["S_a_hat"][normal], Mx[normal], torch.zeros_like(gt[normal]))
         else:
