@@ -369,6 +369,41 @@ def _dense_rows_sparse(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: floa
     return idx, w
 
 
+def _wide_rows_sparse(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, K: int, backend: str):
+    """Exact sparsemax weights of rows of one batch item whose support passed their K
+    first candidates: on the CPU the candidates widen 8x at a time on the rows still
+    unproven (a top-K pass costs about one logit GEMM, whatever K), so the cost grows
+    with the support; rows whose support nears M / 8 keys take their full logits.
+    q [n, C], k [M, C], mask [M] or None -> (idx, w) [n, kr], slots as the first pass."""
+    n, M = q.shape[0], k.shape[0]
+    n_valid = M if mask is None else int(mask.sum())
+    idx = torch.full((n, 0), -1, dtype=torch.int64, device=q.device)
+    w = torch.zeros(n, 0, dtype=torch.float32, device=q.device)
+    pending = torch.arange(n, device=q.device)
+    while backend == "cpu" and pending.numel() and 8 * K * 8 <= n_valid:
+        K *= 8
+        vals, ki = _topk_logits(q[None, pending], k[None], mask if mask is None else mask[None], scale, K, backend)
+        wk, ksup, proven = _support_from_sorted(vals[0])
+        done = proven
+        kr = int(ksup[done].max()) if bool(done.any()) else 0
+        if kr > w.shape[1]:
+            idx = torch.nn.functional.pad(idx, (0, kr - w.shape[1]), value=-1)
+            w = torch.nn.functional.pad(w, (0, kr - w.shape[1]), value=0.0)
+        rows = pending[done]
+        wk = wk[done, :w.shape[1]]
+        w[rows, :wk.shape[1]] = wk.to(w.dtype)
+        idx[rows, :wk.shape[1]] = torch.where(wk > 0, ki[0, done, :wk.shape[1]], -1)
+        pending = pending[~done]
+    if pending.numel():
+        fi, fw = _dense_rows_sparse(q[pending], k, mask, scale, backend)
+        kr = max(w.shape[1], fi.shape[1])
+        idx = torch.nn.functional.pad(idx, (0, kr - idx.shape[1]), value=-1)
+        w = torch.nn.functional.pad(w, (0, kr - w.shape[1]), value=0.0)
+        idx[pending, :fi.shape[1]] = fi
+        w[pending, :fw.shape[1]] = fw.to(w.dtype)
+    return idx, w
+
+
 def _sparse_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, argmax: bool,
                     backend: str) -> tuple[Tensor, Tensor]:
     """(idx, w) [B, N, kmax] of the sparse lookup with a fast backend."""
@@ -394,7 +429,7 @@ def _sparse_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, 
         rows = redo[redo[:, 0] == b, 1]
         kb = k[0 if k.shape[0] == 1 else b]
         mb = None if mask is None else mask[0 if mask.shape[0] == 1 else b]
-        fixes.append((b, rows, *_dense_rows_sparse(q[b, rows], kb, mb, scale, backend)))
+        fixes.append((b, rows, *_wide_rows_sparse(q[b, rows], kb, mb, scale, K, backend)))
     kmax = max(kmax, max(fi.shape[-1] for _, _, fi, _ in fixes))
     idx = torch.nn.functional.pad(idx, (0, kmax - idx.shape[-1]), value=-1)
     w = torch.nn.functional.pad(w, (0, kmax - w.shape[-1]), value=0.0)
