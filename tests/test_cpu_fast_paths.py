@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import fastad
-from fastad.ops.nn_distance import _cpu_call
+from fastad.ops.nn_distance import NNResult, _cpu_call
 
 from conftest import requires_cpu_ext
-from nn_testing import assert_matches_reference
+from nn_testing import assert_matches_reference, pair_values
 
 pytestmark = requires_cpu_ext
 
@@ -119,3 +119,34 @@ def test_lookup_ties_at_the_widened_cut(cpu_isa):
     v = torch.randn(M, 2, generator=g)
     support = lookup_check(q, k, v, scale=0.01)
     assert int(support[0, 0]) > smx.TOPK
+
+
+# ---------------------------------------------------------------------------
+# the mean of the k largest / smallest from a tile row, without a sorted top-k
+
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip"])
+def test_mean_modes_from_tiles_with_ties_at_the_kth_value(cpu_isa, metric):
+    """k a large part of M (the tile path): runs of bit-equal values straddle the k-th
+    value, a constant row (one histogram bin), a row with no eligible entry; the
+    means, and the kept indices the gradients use, match the float64 reference."""
+    g = torch.Generator().manual_seed(25)
+    M, C = 300, 24
+    b = torch.randn(M, C, generator=g)
+    b[100:160] = b[7]  # 61 bit-equal rows
+    q = torch.randn(9, C, generator=g)
+    q[0] = b[7]
+    q[1] = 0.0  # cosine: every value 1; ip: every value 0
+    for k in (40, 61, 100, 299):
+        for reduce in ("mean_largest", "mean_smallest"):
+            for need in (False, True):
+                v, i, _ = nn(q, b, k, metric, reduce, "fp32", need_indices=need)
+                assert_matches_reference(NNResult(v, None), q, b, k=k, metric=metric, scale=0.5, reduce=reduce)
+                if need:  # the kept set: k distinct rows whose exact values average to the mean
+                    assert bool((i >= 0).all()) and all(len(set(r.tolist())) == k for r in i)
+                    kept = pair_values(q[None], b[None], i[None], metric, 0.5)[0].mean(-1)
+                    torch.testing.assert_close(kept, v.double(), atol=1e-5, rtol=1e-5)
+    qg = torch.tensor([0, 1, 1, 2, 0, 1, 2, 0, 3])
+    bg = torch.randint(0, 3, (M,), generator=g)
+    v, i, _ = _cpu_call(q[None], b[None], 150, metric, 0.5, "mean_largest", qg[None], bg[None], "other", False, "fp32")
+    assert_matches_reference(NNResult(v[0], None), q, b, k=150, metric=metric, scale=0.5, reduce="mean_largest",
+                             query_groups=qg, bank_groups=bg)

@@ -62,8 +62,9 @@
 // Selection: k == 1 keeps the best entry; otherwise a buffer of k + max(k/2, 16)
 // entries with threshold T, compacted with nth_element when full (no heap per insert).
 // When k is a large part of M (most pairs would enter the buffer) the fp32 paths keep
-// each task's tile of sigma (at most 4 MiB) and pick the k best of each row with a
-// radix select.
+// each task's tile of sigma (at most 4 MiB) and pick the k best of each row without
+// sorting: a histogram of the row's values finds the k-th value's bin, one more pass
+// takes what lies above it; the mean modes sum those values directly.
 //
 // Work split: tasks of (query chunk, bank range), OpenMP dynamic schedule. int8 chunks
 // hold up to 1,026 query rows (each bank row is quantised once per chunk); fp32
@@ -459,6 +460,7 @@ struct TopK {
   // Tasks that split the bank share their thresholds: the k-th best of any one of them
   // bounds the final k-th best from below, so each prunes with the largest.
   std::atomic<float>* shared = nullptr;
+  bool written = false;  // the task wrote its rows' outputs itself (tile_row_best)
 
   float bound(int64_t r) const {
     return shared ? std::max(thr[r], shared[r].load(std::memory_order_relaxed)) : thr[r];
@@ -557,6 +559,15 @@ struct Problem {
   bool wide_tiles = false;  // fp32 tiles 512 bits wide (use_avx512_tiles)
   bool l2() const { return metric == kNNL2; }
   bool eligible(int64_t r, int64_t j) const { return !qg || ((qg[r] == bg[j]) == same); }
+  // reported value (distance, or q.b for ip, times scale) of a kept sigma
+  double value(float s) const {
+    const double nat = static_cast<double>(sgn) * s;  // cos, -d^2 or q.b
+    double v;
+    if (metric == kNNCosine) v = 1.0 - nat;
+    else if (metric == kNNL2) v = std::sqrt(std::max(0.0, -nat));
+    else v = nat;
+    return v * scale;
+  }
   // sigma from the canonical sum of pair (r, j)
   float sigma(float raw, int64_t j) const {
     if (metric == kNNCosine) return static_cast<float>(sgn) * (raw * binv[j]);
@@ -569,6 +580,8 @@ struct TaskCounters {
   int64_t evals = 0, screened = 0, int8_tasks = 0, switched = 0;
 };
 
+// |row|^2 (lane l of 8 sums channels c = l mod 8 in double, then a fixed tree) and
+// max |x| (NaN ignored) of rows [r0, r1).
 template <int DT>
 void row_stats(const void* base, int64_t r0, int64_t r1, int64_t C, double* n2, float* maxabs) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -576,6 +589,25 @@ void row_stats(const void* base, int64_t r0, int64_t r1, int64_t C, double* n2, 
     double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     float m = 0;
     int64_t c = 0;
+#if NN_AVX2
+    // the same lane sums 4 doubles at a time: x * x is exact in double, so the fused
+    // multiply-add rounds exactly as the scalar multiply-then-add
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+    __m256 mv = _mm256_setzero_ps();
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (; c + 8 <= C; c += 8) {
+      const __m256 x = vload<DT>(row, c);
+      const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+      a0 = _mm256_fmadd_pd(lo, lo, a0);
+      a1 = _mm256_fmadd_pd(hi, hi, a1);
+      mv = _mm256_max_ps(_mm256_and_ps(x, absmask), mv);  // a NaN lane keeps mv
+    }
+    _mm256_storeu_pd(acc, a0);
+    _mm256_storeu_pd(acc + 4, a1);
+    alignas(32) float ml[8];
+    _mm256_store_ps(ml, mv);
+    for (int l = 0; l < 8; ++l) m = std::max(m, ml[l]);
+#else
     for (; c + 8 <= C; c += 8) {
       for (int l = 0; l < 8; ++l) {
         const float x = load_elem<DT>(row, c + l);
@@ -583,6 +615,7 @@ void row_stats(const void* base, int64_t r0, int64_t r1, int64_t C, double* n2, 
         m = std::max(m, std::fabs(x));
       }
     }
+#endif
     for (; c < C; ++c) {
       const float x = load_elem<DT>(row, c);
       acc[0] += static_cast<double>(x) * x;
@@ -643,33 +676,6 @@ inline uint32_t order_key(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// Key of the k-th largest non-NaN value of row[0, m) (k <= their count): a radix
-// select over 11 + 11 + 10 bits, each pass keeping only the bucket that holds it.
-uint32_t kth_largest_key(const float* row, int64_t m, int64_t k, std::vector<uint32_t>& a, std::vector<uint32_t>& b) {
-  a.clear();
-  for (int64_t j = 0; j < m; ++j)
-    if (row[j] == row[j]) a.push_back(order_key(row[j]));
-  b.resize(a.size());
-  static constexpr int kShift[3] = {21, 10, 0}, kBits[3] = {11, 11, 10};
-  uint32_t hist[2048], prefix = 0;
-  int64_t need = k;
-  for (int d = 0; d < 3; ++d) {
-    const uint32_t bins = 1u << kBits[d];
-    std::fill(hist, hist + bins, 0u);
-    for (uint32_t x : a) ++hist[(x >> kShift[d]) & (bins - 1)];
-    uint32_t sel = bins - 1;
-    for (; sel > 0 && hist[sel] < need; --sel) need -= hist[sel];
-    prefix |= sel << kShift[d];
-    size_t n = 0;
-    for (uint32_t x : a)
-      if (((x >> kShift[d]) & (bins - 1)) == sel) b[n++] = x;
-    b.resize(n);
-    std::swap(a, b);
-    b.resize(a.size());
-  }
-  return prefix;
 }
 
 struct Pending {
@@ -813,6 +819,59 @@ void fp32_block(const Problem& P, const float* qpanels, int64_t r0, int64_t rows
   }
 }
 
+// The k best eligible entries of a tile row (NaN marks ineligible pairs) without
+// sorting them: a histogram over 2,048 equal bins between the row's smallest and
+// largest value (the bin, fl(fl(x - lo) * w), never decreases with x) finds the bin
+// of the k-th largest value; one more pass takes every entry above that bin and
+// keeps the bin's own entries, of which a partial selection takes the best that are
+// still needed (value descending, index ascending: ties at the k-th value go to the
+// lowest indices). With `best`, it returns those entries (any order) there; without,
+// it returns the mean of their reported values (NaN when none is eligible), which
+// equal values make independent of which tied entries count.
+double tile_row_best(const Problem& P, const float* row, int64_t span, int64_t m0, int64_t k, std::vector<Entry>* best,
+                     std::vector<Entry>& edge) {
+  constexpr int kBins = 2048;
+  float lo = kInf, hi = -kInf;
+  for (int64_t j = 0; j < span; ++j) {  // NaN compares false: ignored
+    lo = row[j] < lo ? row[j] : lo;
+    hi = row[j] > hi ? row[j] : hi;
+  }
+  if (best) best->clear();
+  if (!(lo <= hi)) return std::numeric_limits<double>::quiet_NaN();  // nothing eligible
+  // bins of width (hi - lo) / kBins; w = 0 puts everything in bin 0 (lo == hi)
+  float w = hi > lo ? static_cast<float>(kBins) / (hi - lo) : 0.0f;
+  if (!(w < kInf)) w = 0.0f;  // a subnormal spread: one bin
+  auto bin = [&](float x) { return std::min(kBins - 1, static_cast<int>((x - lo) * w)); };
+  int32_t hist[kBins] = {};
+  int64_t eligible = 0;
+  for (int64_t j = 0; j < span; ++j) {
+    if (row[j] != row[j]) continue;
+    ++hist[bin(row[j])];
+    ++eligible;
+  }
+  k = std::min(k, eligible);
+  int b0 = kBins - 1;
+  int64_t need = k;
+  for (; hist[b0] < need; --b0) need -= hist[b0];
+  edge.clear();
+  double sum = 0;
+  // (x - lo) * w rounds monotonically, so bin(x) > b0 exactly for the values above the bin
+  for (int64_t j = 0; j < span; ++j) {
+    if (!(row[j] >= lo)) continue;  // NaN
+    const int b = bin(row[j]);
+    if (b < b0) continue;
+    if (b == b0) edge.push_back(Entry{row[j], static_cast<int32_t>(m0 + j)});
+    else if (best) best->push_back(Entry{row[j], static_cast<int32_t>(m0 + j)});
+    else sum += P.value(row[j]);
+  }
+  if (static_cast<int64_t>(edge.size()) > need) std::nth_element(edge.begin(), edge.begin() + (need - 1), edge.end(), better);
+  for (int64_t t = 0; t < need; ++t) {
+    if (best) best->push_back(edge[t]);
+    else sum += P.value(edge[t].s);
+  }
+  return sum / static_cast<double>(k);
+}
+
 // Query rows [r0, r0 + rows) (top rows 0...) against bank rows [m0, m1): bank blocks,
 // packed once, stay in L3 while slices of the (packed once) query rows pass over
 // them; inside, a 16-row bank panel (one k-slice of at most kKc channels) stays in L1
@@ -854,28 +913,18 @@ void run_fp32(const Problem& P, int mode, int64_t r0, int64_t rows, int64_t m0, 
     }
   }
   if (!use_tile) return;
-  // per row: the k-th largest value t, then the values above t and, in index order,
-  // as many equal to t as fit (NaN marks ineligible pairs)
-  std::vector<uint32_t> ka, kb;
-  std::vector<Entry> best;
+  // A task over the whole bank writes the mean modes' rows itself: no entry lists.
+  const bool mean_here = !P.topk && !P.indices && m0 == 0 && m1 == P.M;
+  std::vector<Entry> best, edge;
   const int64_t span = m1 - m0;
   for (int64_t i = 0; i < rows; ++i) {
     const float* row = tp + i * span;
-    int64_t eligible = 0;
-    for (int64_t j = 0; j < span; ++j) eligible += row[j] == row[j];
-    best.clear();
-    const int64_t k = std::min(top.k, eligible);
-    if (k > 0) {
-      const uint32_t t = kth_largest_key(row, span, k, ka, kb);
-      int64_t above = 0;
-      for (int64_t j = 0; j < span; ++j) above += row[j] == row[j] && order_key(row[j]) > t;
-      int64_t ties = k - above;
-      for (int64_t j = 0; j < span; ++j) {
-        if (row[j] != row[j]) continue;
-        const uint32_t x = order_key(row[j]);
-        if (x > t || (x == t && ties-- > 0)) best.push_back(Entry{row[j], static_cast<int32_t>(m0 + j)});
-      }
+    if (mean_here) {
+      P.values[r0 + i] = static_cast<float>(tile_row_best(P, row, span, m0, top.k, nullptr, edge));
+      top.written = true;
+      continue;
     }
+    tile_row_best(P, row, span, m0, top.k, &best, edge);
     top.assign(i, best);
   }
 }
@@ -1255,14 +1304,7 @@ void run_int8(const Problem& P, const QueryPrep& qp, int64_t m0, int64_t m1, Top
 // Output of one row from its best entries.
 void write_row(const Problem& P, int64_t r, const std::vector<Entry>& best) {
   const int64_t k = P.k, m = static_cast<int64_t>(best.size());
-  auto value = [&](float s) {
-    const double nat = static_cast<double>(P.sgn) * s;  // cos, -d^2 or q.b
-    double v;
-    if (P.metric == kNNCosine) v = 1.0 - nat;
-    else if (P.metric == kNNL2) v = std::sqrt(std::max(0.0, -nat));
-    else v = nat;
-    return v * P.scale;
-  };
+  auto value = [&](float s) { return P.value(s); };
   if (P.topk) {
     // ascending distance, descending similarity for ip: padding at the far end
     const float fill = P.metric == kNNIp ? -kInf : kInf;
@@ -1424,7 +1466,7 @@ void run_problem(Problem& P, int requested_path, int nthreads, NNStats& st) {
       }
       std::vector<Entry> best, part;
       if (S == 1) {
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = 0; i < rows && !top->written; ++i) {
           top->sorted(i, best);
           write_row(P, r0 + i, best);
         }
