@@ -84,7 +84,7 @@ def lookup_check(q, k, v, mask=None, scale=None):
     return (lw.indices >= 0).sum(-1)
 
 
-def test_lookup_support_at_every_spread(cpu_isa):
+def test_lookup_support_at_every_spread(cpu_isa, monkeypatch):
     """Logit spreads whose supports end inside the first 32 candidates, inside the
     widened 256, and past them (full logits), in one call and one batch item each;
     a masked dictionary shifts which keys count."""
@@ -95,7 +95,12 @@ def test_lookup_support_at_every_spread(cpu_isa):
     q = torch.randn(2, 12, C, generator=g)
     spread = torch.tensor([1.0, 0.05, 0.02, 0.004]).repeat_interleave(3)
     q = q * spread[None, :, None]
+    widths = []
+    topk = smx._topk_logits
+    monkeypatch.setattr(smx, "_topk_logits", lambda *a: widths.append((a[0].shape[1], a[4])) or topk(*a))
     support = lookup_check(q, k, v)
+    # the first pass over every row, then (per batch item) most middle-spread rows widened to 256
+    assert widths[0] == (12, smx.TOPK) and sum(n for n, K in widths[1:] if K == 8 * smx.TOPK) >= 6
     lo, mid, wide = support[:, :3], support[:, 3:9], support[:, 9:]
     assert int(lo.max()) <= smx.TOPK < int(mid.min())
     assert int(mid.max()) <= 8 * smx.TOPK < int(wide.min())
@@ -105,7 +110,7 @@ def test_lookup_support_at_every_spread(cpu_isa):
 
 def test_lookup_ties_at_the_widened_cut(cpu_isa):
     """Integer logits: 100 copies of the best key and 400 of the second best, so the
-    widened 256-candidate list ends inside a run of equal logits (lowest keys kept)."""
+    32- and 256-candidate cuts fall inside runs of equal logits."""
     g = torch.Generator().manual_seed(24)
     M = 2200
     k = torch.randint(-2, 2, (M, 4), generator=g).float()

@@ -369,31 +369,43 @@ def _dense_rows_sparse(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: floa
     return idx, w
 
 
-def _wide_rows_sparse(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, K: int, backend: str):
-    """Exact sparsemax weights of rows of one batch item whose support passed their K
-    first candidates: on the CPU the candidates widen 8x at a time on the rows still
-    unproven (a top-K pass costs about one logit GEMM, whatever K), so the cost grows
-    with the support; rows whose support nears M / 8 keys take their full logits.
+def _wide_rows_sparse(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, vals: Tensor, backend: str):
+    """Exact sparsemax weights of rows of one batch item whose support passed their
+    first candidates ``vals`` [n, K] (sorted, from _topk_logits). On the CPU a row
+    takes a wider top-K (8x, 64x the first; a pass costs about one logit GEMM,
+    whatever K) when its support should fit: above tau the logits' tail is about
+    exponential, and sum (z - tau) = 1 then puts 1 / lambda keys in the support,
+    lambda the mean excess of the first candidates over the last. Rows predicted
+    (or found) beyond the widest list take their full logits, so the cost grows with
+    the support and never reaches past one dense pass plus the first.
     q [n, C], k [M, C], mask [M] or None -> (idx, w) [n, kr], slots as the first pass."""
     n, M = q.shape[0], k.shape[0]
+    K = vals.shape[-1]
     n_valid = M if mask is None else int(mask.sum())
     idx = torch.full((n, 0), -1, dtype=torch.int64, device=q.device)
     w = torch.zeros(n, 0, dtype=torch.float32, device=q.device)
+    predicted = 1.0 / (vals.mean(-1) - vals[:, -1]).double()  # inf for a run of equal logits
     pending = torch.arange(n, device=q.device)
     while backend == "cpu" and pending.numel() and 8 * K * 8 <= n_valid:
         K *= 8
-        vals, ki = _topk_logits(q[None, pending], k[None], mask if mask is None else mask[None], scale, K, backend)
-        wk, ksup, proven = _support_from_sorted(vals[0])
-        done = proven
-        kr = int(ksup[done].max()) if bool(done.any()) else 0
+        go = pending[2 * predicted[pending] <= K]
+        if not go.numel():
+            continue
+        vk, ki = _topk_logits(q[None, go], k[None], mask if mask is None else mask[None], scale, K, backend)
+        wk, ksup, proven = _support_from_sorted(vk[0])
+        kr = int(ksup[proven].max()) if bool(proven.any()) else 0
         if kr > w.shape[1]:
             idx = torch.nn.functional.pad(idx, (0, kr - w.shape[1]), value=-1)
             w = torch.nn.functional.pad(w, (0, kr - w.shape[1]), value=0.0)
-        rows = pending[done]
-        wk = wk[done, :w.shape[1]]
+        rows = go[proven]
+        wk = wk[proven, :w.shape[1]]
         w[rows, :wk.shape[1]] = wk.to(w.dtype)
-        idx[rows, :wk.shape[1]] = torch.where(wk > 0, ki[0, done, :wk.shape[1]], -1)
-        pending = pending[~done]
+        idx[rows, :wk.shape[1]] = torch.where(wk > 0, ki[0, proven, :wk.shape[1]], -1)
+        done = torch.zeros(n, dtype=torch.bool, device=q.device)
+        done[rows] = True
+        pending = pending[~done[pending]]
+        vu = vk[0, ~proven]  # still wider than this list: predict again from it
+        predicted[go[~proven]] = 1.0 / (vu.mean(-1) - vu[:, -1]).double()
     if pending.numel():
         fi, fw = _dense_rows_sparse(q[pending], k, mask, scale, backend)
         kr = max(w.shape[1], fi.shape[1])
@@ -429,7 +441,7 @@ def _sparse_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, 
         rows = redo[redo[:, 0] == b, 1]
         kb = k[0 if k.shape[0] == 1 else b]
         mb = None if mask is None else mask[0 if mask.shape[0] == 1 else b]
-        fixes.append((b, rows, *_wide_rows_sparse(q[b, rows], kb, mb, scale, K, backend)))
+        fixes.append((b, rows, *_wide_rows_sparse(q[b, rows], kb, mb, scale, vals[b, rows], backend)))
     kmax = max(kmax, max(fi.shape[-1] for _, _, fi, _ in fixes))
     idx = torch.nn.functional.pad(idx, (0, kmax - idx.shape[-1]), value=-1)
     w = torch.nn.functional.pad(w, (0, kmax - w.shape[-1]), value=0.0)
