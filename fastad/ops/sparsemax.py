@@ -229,9 +229,13 @@ def _check_mask_nonempty(op: str, mask: Optional[Tensor]) -> None:
 def _dense_to_sparse(w: Tensor) -> LookupWeights:
     """Dense weights [B, N, M] -> slots sorted by weight descending (key ascending among
     equals), cut at the largest number of nonzero weights of a row."""
-    ws, order = torch.sort(w, dim=-1, descending=True, stable=True)
-    k = max(1, int((w > 0).sum(-1).max())) if w.numel() else 0
-    ws, order = ws[..., :k], order[..., :k]
+    k = min(w.shape[-1], max(1, int((w > 0).sum(-1).max()))) if w.numel() else 0
+    # the k largest hold every nonzero weight; only they are sorted (a row of M would cost
+    # more than the lookup): key ascending first, then a stable sort by weight
+    ws, order = torch.topk(w, k, dim=-1)
+    order, perm = order.sort(dim=-1)
+    ws, perm = ws.gather(-1, perm).sort(dim=-1, descending=True, stable=True)
+    order = order.gather(-1, perm)
     return LookupWeights(torch.where(ws > 0, order, -1), ws)
 
 
