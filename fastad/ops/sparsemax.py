@@ -455,9 +455,28 @@ def _sparse_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, 
     return idx, w
 
 
+def _gather_dense(w: Tensor, idx: Tensor, v: Tensor) -> Tensor:
+    """_gather for wide supports: rows of dense weights (2^23 at a time) times the
+    values, a GEMM instead of one scattered value row per weight."""
+    B, N, _ = w.shape
+    M = v.shape[1]
+    out = torch.empty(B, N, v.shape[2], dtype=torch.float32)
+    slot = torch.where(idx < 0, M, idx)
+    starts, chunk = _row_chunks(N, M + 1)
+    for b in range(B):
+        vb = v[0 if v.shape[0] == 1 else b].to(torch.float32)
+        for s in starts:
+            wd = torch.zeros(min(chunk, N - s), M + 1, dtype=torch.float32)
+            wd.scatter_add_(1, slot[b, s:s + chunk], w[b, s:s + chunk].to(torch.float32))
+            torch.matmul(wd[:, :M], vb, out=out[b, s:s + chunk])
+    return out
+
+
 def _gather(w: Tensor, idx: Tensor, v: Tensor, backend: str) -> Tensor:
     """out[b, n] = sum_s w[b, n, s] v[b, idx[b, n, s]] in float32 (cpu or triton)."""
     B, N, _ = w.shape
+    if backend == "cpu" and 32 * w.shape[2] > v.shape[1]:
+        return _gather_dense(w, idx, v)  # supports past M / 32: the GEMM reads less per weight
     if backend == "cpu":
         out = torch.empty(B, N, v.shape[2], dtype=torch.float32)
         _ext._C.dict_gather(w.contiguous().numpy(), idx.contiguous().numpy(), _ext.as_array(v.contiguous()),
