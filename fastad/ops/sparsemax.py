@@ -229,13 +229,20 @@ def _check_mask_nonempty(op: str, mask: Optional[Tensor]) -> None:
 def _dense_to_sparse(w: Tensor) -> LookupWeights:
     """Dense weights [B, N, M] -> slots sorted by weight descending (key ascending among
     equals), cut at the largest number of nonzero weights of a row."""
-    k = min(w.shape[-1], max(1, int((w > 0).sum(-1).max()))) if w.numel() else 0
-    # the k largest hold every nonzero weight; only they are sorted (a row of M would cost
-    # more than the lookup): key ascending first, then a stable sort by weight
-    ws, order = torch.topk(w, k, dim=-1)
-    order, perm = order.sort(dim=-1)
-    ws, perm = ws.gather(-1, perm).sort(dim=-1, descending=True, stable=True)
-    order = order.gather(-1, perm)
+    pos = w > 0
+    cnt = pos.sum(-1).reshape(-1)
+    k = max(1, int(cnt.max())) if w.numel() else 0
+    # the nonzero weights of each row in key order (nonzero is row-major), then a stable
+    # sort of those few slots by weight: no sort of every key
+    rows, keys = pos.reshape(cnt.numel(), w.shape[-1]).nonzero(as_tuple=True)
+    slot = torch.arange(rows.numel(), device=w.device) - (cnt.cumsum(0) - cnt)[rows]
+    order = torch.full((cnt.numel(), k), -1, dtype=torch.int64, device=w.device)
+    ws = torch.zeros(cnt.numel(), k, dtype=w.dtype, device=w.device)
+    order[rows, slot] = keys
+    ws[rows, slot] = w.reshape(cnt.numel(), w.shape[-1])[rows, keys]
+    ws, perm = ws.sort(dim=-1, descending=True, stable=True)
+    order = order.gather(-1, perm).reshape(*w.shape[:-1], k)
+    ws = ws.reshape(*w.shape[:-1], k)
     return LookupWeights(torch.where(ws > 0, order, -1), ws)
 
 
