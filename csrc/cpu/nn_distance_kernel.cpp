@@ -1099,9 +1099,9 @@ inline void kernel_i8(const uint8_t* const* qp, const int8_t* panel, int64_t G2,
 __attribute__((target("avx512f,avx512vl,avx512vnni"))) void kernel_i8_vnni(const uint8_t* const* qp,
                                                                             const int8_t* panel, int64_t G2,
                                                                             __m256i (&out)[3][3]) {
-  __m256i acc[3][3];
-  for (int i = 0; i < 3; ++i)
-    for (int v = 0; v < 3; ++v) acc[i][v] = out[i][v];
+  __m256i acc[3][3];  // integer sums: added to `out` at the end, exactly
+  for (auto& row : acc)
+    for (auto& x : row) x = _mm256_setzero_si256();
   const uint8_t* q[3] = {qp[0], qp[1], qp[2]};
   for (int64_t g = 0; g < G2; ++g) {
     const int8_t* p = panel + g * 192;
@@ -1119,7 +1119,7 @@ __attribute__((target("avx512f,avx512vl,avx512vnni"))) void kernel_i8_vnni(const
     }
   }
   for (int i = 0; i < 3; ++i)
-    for (int v = 0; v < 3; ++v) out[i][v] = acc[i][v];
+    for (int v = 0; v < 3; ++v) out[i][v] = _mm256_add_epi32(out[i][v], acc[i][v]);
 }
 
 inline bool use_vnni() {
