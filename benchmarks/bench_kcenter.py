@@ -101,7 +101,7 @@ def test_coreset_like_anomalib(bench, benchmark, bench_size, case, impl):
     if impl == "anomalib":
         sampling = pytest.importorskip("anomalib.models.components.sampling")
         bench(lambda: sampling.KCenterGreedy(embedding=x, sampling_ratio=ratio).select_coreset_idxs(),
-              group=group, impl="anomalib KCenterGreedy", role="peer", rounds=1)
+              group=group, impl="anomalib KCenterGreedy", role="peer")
     else:
         bench(lambda: kcenter_greedy(x, k, init="random", projection_dim=p, seed=0),
               group=group, impl="fastad cpu (projection_dim)", role="fastad")
@@ -135,7 +135,7 @@ def test_coreset_selection_same_features(bench, benchmark, bench_size, case, imp
             torch.manual_seed(1)  # the same start
             return sampler.select_coreset_idxs()
 
-        picks = bench(run, group=group, impl="anomalib KCenterGreedy", role="peer", rounds=1)
+        picks = bench(run, group=group, impl="anomalib KCenterGreedy", role="peer")
     else:
         picks = bench(lambda: kcenter_greedy(feats, k, init=start).indices.tolist(),
                       group=group, impl="fastad cpu", role="fastad")
@@ -154,8 +154,7 @@ def test_coreset_plain_loop(bench, benchmark, bench_size, case, impl):
     x = patch_like(n, c) if kind == "patch-like" else gaussian(n, c)
     group = f"coreset {kind} {n:,}x{c:,} -> {k:,} picks, no projection"
     if impl == "torch":
-        picks = bench(lambda: torch_loop(x, k).tolist(), group=group, impl="torch loop (fp32)", role="peer",
-                      rounds=1)
+        picks = bench(lambda: torch_loop(x, k).tolist(), group=group, impl="torch loop (fp32)", role="peer")
     else:
         picks = bench(lambda: kcenter_greedy(x, k).indices.tolist(), group=group, impl="fastad cpu", role="fastad")
     record(benchmark, group, impl, picks)

@@ -222,7 +222,7 @@ def test_aupro_exact(bench, bench_size, n, impl):
     else:
         pytest.importorskip("anomalib")
         tm, tg = torch.from_numpy(maps), torch.from_numpy(masks)
-        _run(bench, "aupro", n, "anomalib 2.7 _AUPRO", lambda: anomalib_aupro(tm, tg), group, "peer", rounds=1)
+        _run(bench, "aupro", n, "anomalib 2.7 _AUPRO", lambda: anomalib_aupro(tm, tg), group, "peer")
 
 
 @pytest.mark.parametrize("impl", ["fastad", "cal_pro_score"])
@@ -237,7 +237,7 @@ def test_aupro_200(bench, bench_size, n, impl):
     else:
         pytest.importorskip("skimage")
         _run(bench, "aupro200", n, "cal_pro_score (cflow-ad / DictAS, per threshold)",
-             lambda: cal_pro_score(masks, maps), group, "peer", rounds=1, memory=False)
+             lambda: cal_pro_score(masks, maps), group, "peer", memory=False)
 
 
 @pytest.mark.parametrize("impl", ["fastad", "sklearn", "anomalib"])
@@ -252,12 +252,11 @@ def test_pixel_auroc(bench, bench_size, n, impl):
         from sklearn.metrics import roc_auc_score
 
         flat_m, flat_g = maps.ravel(), masks.ravel()
-        _run(bench, "auroc", n, "sklearn roc_auc_score", lambda: roc_auc_score(flat_g, flat_m), group, "peer",
-             rounds=1)
+        _run(bench, "auroc", n, "sklearn roc_auc_score", lambda: roc_auc_score(flat_g, flat_m), group, "peer")
     else:
         pytest.importorskip("anomalib")
         tm, tg = torch.from_numpy(maps), torch.from_numpy(masks)
-        _run(bench, "auroc", n, "anomalib 2.7 AUROC", lambda: anomalib_auroc(tm, tg), group, "peer", rounds=1)
+        _run(bench, "auroc", n, "anomalib 2.7 AUROC", lambda: anomalib_auroc(tm, tg), group, "peer")
 
 
 @pytest.mark.parametrize("impl", ["fastad", "saa"])
@@ -273,7 +272,7 @@ def test_region_f1(bench, bench_size, n, impl):
         if n > 100:
             pytest.skip("the SAA+ code needs ~10 minutes at 1,000 maps")
         _run(bench, "region_f1", n, "calculate_max_f1_region (SAA+, per threshold)",
-             lambda: calculate_max_f1_region(masks, maps), group, "peer", rounds=1, memory=False)
+             lambda: calculate_max_f1_region(masks, maps), group, "peer", memory=False)
 
 
 @pytest.mark.parametrize("n", [100, 1000])

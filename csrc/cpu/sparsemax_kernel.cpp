@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -267,6 +268,44 @@ void micro_6x16(const float* A, const float* B, int64_t C, float* tile, bool acc
 #endif
 }
 
+#if defined(__AVX2__)
+// micro_6x16 for two query panels at once with 512-bit vectors where the CPU has
+// AVX-512F (a 16-key panel is one vector; 12 FMA chains share each key load): the
+// same fused multiply-adds in the same order, so the same logits, at up to twice
+// the rate of the 8-wide tile.
+__attribute__((target("avx512f"))) void micro_12x16_512(const float* A0, const float* A1, const float* B, int64_t C,
+                                                         float* tile0, float* tile1, bool accumulate) {
+  __m512 c0[MR], c1[MR];
+  for (int i = 0; i < MR; ++i) {
+    c0[i] = accumulate ? _mm512_load_ps(tile0 + NR * i) : _mm512_setzero_ps();
+    c1[i] = accumulate ? _mm512_load_ps(tile1 + NR * i) : _mm512_setzero_ps();
+  }
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < C; ++k) {
+    const __m512 b = _mm512_load_ps(B + NR * k);
+    for (int i = 0; i < MR; ++i) {
+      c0[i] = _mm512_fmadd_ps(_mm512_set1_ps(A0[MR * k + i]), b, c0[i]);
+      c1[i] = _mm512_fmadd_ps(_mm512_set1_ps(A1[MR * k + i]), b, c1[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm512_store_ps(tile0 + NR * i, c0[i]);
+    _mm512_store_ps(tile1 + NR * i, c1[i]);
+  }
+}
+
+// Whether the logit tiles run 512 bits wide: the CPU has AVX-512F and
+// FASTAD_CPU_WIDE_TILES is not "0" (as the nn_distance kernel).
+bool wide_tiles() {
+  static const bool cpu = __builtin_cpu_supports("avx512f");
+  const char* env = std::getenv("FASTAD_CPU_WIDE_TILES");
+  return cpu && !(env && env[0] == '0' && env[1] == '\0');
+}
+#else
+bool wide_tiles() { return false; }
+void micro_12x16_512(const float*, const float*, const float*, int64_t, float*, float*, bool) {}
+#endif
+
 // 16-bit masks over a 16-key tile row: bit j set where z[j] > thr, and where z[j] is not finite.
 inline unsigned above_bits(const float* z, float thr, unsigned* nonfinite) {
 #if defined(__AVX2__)
@@ -291,51 +330,67 @@ inline unsigned above_bits(const float* z, float thr, unsigned* nonfinite) {
 #endif
 }
 
-// Running top-K of one thread for a chunk of rows: unsorted slots, the worst
-// slot (smallest value, highest key among equals) tracked for replacement.
+// Running top-K of one thread for a chunk of rows: an unsorted buffer of
+// cap = K + max(K / 2, 16) slots per row that takes every logit above the row's
+// threshold; when it is full, a partial selection keeps the best K (value
+// descending, key ascending) and the threshold becomes the K-th value. Amortised
+// O(1) per entry for any K (a replace-the-worst slot array costs O(K) per entry,
+// which is what large K -- wide sparsemax supports -- cannot afford).
 struct TopK {
-  int K = 0;
+  int K = 0, cap = 0;
   std::vector<float> val;
   std::vector<int32_t> idx;
-  std::vector<int32_t> cnt, worst;
-  std::vector<float> thr;  // value a logit must exceed to enter (-inf until full)
+  std::vector<int32_t> cnt;
+  std::vector<float> thr;  // value a logit must exceed to enter (-inf until K are kept)
+  std::vector<std::pair<float, int32_t>> tmp;
 
   void allocate(int64_t rows, int k) {
     K = k;
-    val.resize(static_cast<size_t>(rows * k));
-    idx.resize(static_cast<size_t>(rows * k));
+    cap = k + std::max(k / 2, 16);
+    val.resize(static_cast<size_t>(rows * cap));
+    idx.resize(static_cast<size_t>(rows * cap));
     cnt.resize(static_cast<size_t>(rows));
-    worst.resize(static_cast<size_t>(rows));
     thr.resize(static_cast<size_t>(rows));
+    tmp.resize(static_cast<size_t>(cap));
   }
   // Empties the first `rows` rows (no allocation: safe inside OpenMP regions).
   void reset(int64_t rows) {
     std::fill(cnt.begin(), cnt.begin() + rows, 0);
-    std::fill(worst.begin(), worst.begin() + rows, 0);
     std::fill(thr.begin(), thr.begin() + rows, -kInf);
   }
-  void find_worst(int64_t r) {
-    const float* v = &val[static_cast<size_t>(r * K)];
-    const int32_t* ix = &idx[static_cast<size_t>(r * K)];
-    int w = 0;
-    for (int s = 1; s < K; ++s)
-      if (v[s] < v[w] || (v[s] == v[w] && ix[s] > ix[w])) w = s;
-    worst[static_cast<size_t>(r)] = w;
-    thr[static_cast<size_t>(r)] = v[w];
-  }
-  // Keys arrive in increasing order per row, so `z > thr` keeps the lowest index among ties.
-  void push(int64_t r, float z, int32_t key) {
-    const size_t base = static_cast<size_t>(r * K);
+  // Keeps the best K entries of row r (no-op below K); the threshold becomes the K-th.
+  void compact(int64_t r) {
     int32_t& c = cnt[static_cast<size_t>(r)];
-    if (c < K) {
-      val[base + c] = z;
-      idx[base + c] = key;
-      if (++c == K) find_worst(r);
-    } else {
-      const int w = worst[static_cast<size_t>(r)];
-      val[base + w] = z;
-      idx[base + w] = key;
-      find_worst(r);
+    if (c < K) return;
+    float* v = &val[static_cast<size_t>(r * cap)];
+    int32_t* ix = &idx[static_cast<size_t>(r * cap)];
+    for (int s = 0; s < c; ++s) tmp[static_cast<size_t>(s)] = {v[s], ix[s]};
+    auto better = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    std::nth_element(tmp.begin(), tmp.begin() + (K - 1), tmp.begin() + c, better);
+    for (int s = 0; s < K; ++s) {
+      v[s] = tmp[static_cast<size_t>(s)].first;
+      ix[s] = tmp[static_cast<size_t>(s)].second;
+    }
+    c = K;
+    thr[static_cast<size_t>(r)] = v[K - 1];
+  }
+  // Keys arrive in increasing order per row and the K kept are the lowest keys among
+  // equals, so `z > thr` keeps the lowest index among ties.
+  void push(int64_t r, float z, int32_t key) {
+    int32_t& c = cnt[static_cast<size_t>(r)];
+    const size_t base = static_cast<size_t>(r * cap);
+    val[base + c] = z;
+    idx[base + c] = key;
+    ++c;
+    if (c == K && thr[static_cast<size_t>(r)] == -kInf) {
+      // first time K are held: the threshold is the worst of them
+      float m = val[base];
+      for (int s = 1; s < K; ++s) m = std::min(m, val[base + s]);
+      thr[static_cast<size_t>(r)] = m;
+    } else if (c == cap) {
+      compact(r);
     }
   }
 };
@@ -344,13 +399,17 @@ struct TopK {
 // packed block: cb[((p - p0) * npk_max + jp) * 96 ...] = the 6 x 16 tile, unscaled.
 // One pass per KC-deep slice: a key slice is reused from L1 by every panel.
 void block_logits(const float* qp, const float* kb, int64_t C, int64_t p0, int64_t p1, int npk, int npk_max,
-                  const uint16_t* vbits, float* cb) {
+                  const uint16_t* vbits, float* cb, bool wide) {
   for (int64_t c0 = 0; c0 == 0 || c0 < C; c0 += KC) {
     const int64_t kc = std::min<int64_t>(KC, C - c0);
     for (int jp = 0; jp < npk; ++jp) {
       if (!vbits[jp]) continue;
       const float* B = kb + static_cast<int64_t>(jp) * NR * C + c0 * NR;
-      for (int64_t p = p0; p < p1; ++p)
+      int64_t p = p0;
+      for (; wide && p + 1 < p1; p += 2)
+        micro_12x16_512(qp + p * MR * C + c0 * MR, qp + (p + 1) * MR * C + c0 * MR, B, kc,
+                        cb + ((p - p0) * npk_max + jp) * MR * NR, cb + ((p + 1 - p0) * npk_max + jp) * MR * NR, c0 > 0);
+      for (; p < p1; ++p)
         micro_6x16(qp + p * MR * C + c0 * MR, B, kc, cb + ((p - p0) * npk_max + jp) * MR * NR, c0 > 0);
     }
   }
@@ -403,7 +462,11 @@ int sparsemax_rows(const void* x, int dtype, int64_t R, int64_t L, float* y, int
 int dict_topk(const void* q, int qdt, int64_t R, int64_t C, const void* keys, int kdt, int64_t M,
               const uint8_t* mask, float scale, int K, float* out_vals, int64_t* out_idx, int nthreads) {
   const int T = std::max(1, nthreads);
-  const int64_t rc_max = std::min<int64_t>(R, RC);
+  // rows per chunk: the packed copy and, for large K, the top-K buffers (about 2^20
+  // slots per thread) bound it
+  const int64_t kcap = K + std::max(K / 2, 16);
+  const int64_t rc_step = std::min<int64_t>(RC, std::max<int64_t>(16 * MR, (int64_t(1) << 20) / kcap / MR * MR));
+  const int64_t rc_max = std::min<int64_t>(R, rc_step);
   const int64_t panels_max = (rc_max + MR - 1) / MR;
   FloatBuf qp(panels_max * MR * C);
   std::vector<FloatBuf> kp, tmp, cbuf;
@@ -417,11 +480,13 @@ int dict_topk(const void* q, int qdt, int64_t R, int64_t C, const void* keys, in
   }
   std::vector<int> bad(static_cast<size_t>(T), 0);
   using Entry = std::pair<float, int64_t>;
-  std::vector<std::vector<Entry>> merge(static_cast<size_t>(T), std::vector<Entry>(static_cast<size_t>(T * K)));
+  const int cap = static_cast<int>(kcap);
+  std::vector<std::vector<Entry>> merge(static_cast<size_t>(T), std::vector<Entry>(static_cast<size_t>(T * cap)));
   const int64_t nblocks = (M + NC - 1) / NC;
+  const bool wide = wide_tiles();
 
-  for (int64_t r0 = 0; r0 < R; r0 += RC) {
-    const int64_t rc = std::min<int64_t>(RC, R - r0);
+  for (int64_t r0 = 0; r0 < R; r0 += rc_step) {
+    const int64_t rc = std::min<int64_t>(rc_step, R - r0);
     const int64_t npanels = (rc + MR - 1) / MR;
 #pragma omp parallel num_threads(T)
     {
@@ -462,7 +527,7 @@ int dict_topk(const void* q, int qdt, int64_t R, int64_t C, const void* keys, in
         }
         for (int64_t p0 = p_lo; p0 < p_hi; p0 += PB) {
           const int64_t p1 = std::min<int64_t>(p_hi, p0 + PB);
-          block_logits(qp.p, kb, C, p0, p1, npk, NC / NR, vb, cb);
+          block_logits(qp.p, kb, C, p0, p1, npk, NC / NR, vb, cb, wide);
           for (int64_t p = p0; p < p1; ++p) {
             const int nrows = static_cast<int>(std::min<int64_t>(MR, rc - p * MR));
             for (int jp = 0; jp < npk; ++jp) {
@@ -499,11 +564,13 @@ int dict_topk(const void* q, int qdt, int64_t R, int64_t C, const void* keys, in
           const TopK& tk = tops[static_cast<size_t>(t)];
           const int c = tk.cnt[static_cast<size_t>(row)];
           for (int s = 0; s < c; ++s)
-            all[total++] = Entry(tk.val[static_cast<size_t>(row * K + s)], tk.idx[static_cast<size_t>(row * K + s)]);
+            all[total++] = Entry(tk.val[static_cast<size_t>(row * cap + s)], tk.idx[static_cast<size_t>(row * cap + s)]);
         }
-        std::sort(all, all + total, [](const Entry& a, const Entry& b) {
+        auto better = [](const Entry& a, const Entry& b) {
           return a.first > b.first || (a.first == b.first && a.second < b.second);
-        });
+        };
+        if (total > K) std::nth_element(all, all + (K - 1), all + total, better);
+        std::sort(all, all + std::min(total, K), better);
         float* ov = out_vals + (r0 + row) * K;
         int64_t* oi = out_idx + (r0 + row) * K;
         for (int s = 0; s < K; ++s) {
@@ -789,6 +856,7 @@ void accumulate_pv(const float* P, int nk, const float* Vp, int64_t Cv, float* a
 int dict_softmax_fwd(const void* q, int dt, int64_t R, int64_t C, const void* keys, const void* values, int64_t M,
                      int64_t Cv, const uint8_t* mask, float scale, float* out, float* lse, int nthreads) {
   constexpr int64_t RS = 576;  // rows per pass: one accumulator [RS, Cv] per thread
+  const bool wide = wide_tiles();
   const int T = std::max(1, nthreads);
   const int64_t rc_max = std::min<int64_t>(R, RS);
   const int64_t panels_max = (rc_max + MR - 1) / MR;
@@ -854,7 +922,7 @@ int dict_softmax_fwd(const void* q, int dt, int64_t R, int64_t C, const void* ke
         pack_values(values, dt, j0, nk, Cv, vp[static_cast<size_t>(tid)].p, tb);
         for (int64_t p0 = p_lo; p0 < p_hi; p0 += PB) {
           const int64_t p1 = std::min<int64_t>(p_hi, p0 + PB);
-          block_logits(qp.p, kb, C, p0, p1, npk, NCS / NR, vbits, cb);
+          block_logits(qp.p, kb, C, p0, p1, npk, NCS / NR, vbits, cb, wide);
           for (int64_t p = p0; p < p1; ++p) {
             for (int jp = 0; jp < npk; ++jp) {
               const float* tile = cb + ((p - p0) * (NCS / NR) + jp) * MR * NR;

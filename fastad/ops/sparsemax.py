@@ -229,9 +229,20 @@ def _check_mask_nonempty(op: str, mask: Optional[Tensor]) -> None:
 def _dense_to_sparse(w: Tensor) -> LookupWeights:
     """Dense weights [B, N, M] -> slots sorted by weight descending (key ascending among
     equals), cut at the largest number of nonzero weights of a row."""
-    ws, order = torch.sort(w, dim=-1, descending=True, stable=True)
-    k = max(1, int((w > 0).sum(-1).max())) if w.numel() else 0
-    ws, order = ws[..., :k], order[..., :k]
+    pos = w > 0
+    cnt = pos.sum(-1).reshape(-1)
+    k = max(1, int(cnt.max())) if w.numel() else 0
+    # the nonzero weights of each row in key order (nonzero is row-major), then a stable
+    # sort of those few slots by weight: no sort of every key
+    rows, keys = pos.reshape(cnt.numel(), w.shape[-1]).nonzero(as_tuple=True)
+    slot = torch.arange(rows.numel(), device=w.device) - (cnt.cumsum(0) - cnt)[rows]
+    order = torch.full((cnt.numel(), k), -1, dtype=torch.int64, device=w.device)
+    ws = torch.zeros(cnt.numel(), k, dtype=w.dtype, device=w.device)
+    order[rows, slot] = keys
+    ws[rows, slot] = w.reshape(cnt.numel(), w.shape[-1])[rows, keys]
+    ws, perm = ws.sort(dim=-1, descending=True, stable=True)
+    order = order.gather(-1, perm).reshape(*w.shape[:-1], k)
+    ws = ws.reshape(*w.shape[:-1], k)
     return LookupWeights(torch.where(ws > 0, order, -1), ws)
 
 
@@ -369,6 +380,53 @@ def _dense_rows_sparse(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: floa
     return idx, w
 
 
+def _wide_rows_sparse(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, vals: Tensor, backend: str):
+    """Exact sparsemax weights of rows of one batch item whose support passed their
+    first candidates ``vals`` [n, K] (sorted, from _topk_logits). On the CPU a row
+    takes a wider top-K (8x, 64x the first; a pass costs about one logit GEMM,
+    whatever K) when its support should fit: above tau the logits' tail is about
+    exponential, and sum (z - tau) = 1 then puts 1 / lambda keys in the support,
+    lambda the mean excess of the first candidates over the last. Rows predicted
+    (or found) beyond the widest list take their full logits, so the cost grows with
+    the support and never reaches past one dense pass plus the first.
+    q [n, C], k [M, C], mask [M] or None -> (idx, w) [n, kr], slots as the first pass."""
+    n, M = q.shape[0], k.shape[0]
+    K = vals.shape[-1]
+    n_valid = M if mask is None else int(mask.sum())
+    idx = torch.full((n, 0), -1, dtype=torch.int64, device=q.device)
+    w = torch.zeros(n, 0, dtype=torch.float32, device=q.device)
+    predicted = 1.0 / (vals.mean(-1) - vals[:, -1]).double()  # inf for a run of equal logits
+    pending = torch.arange(n, device=q.device)
+    while backend == "cpu" and pending.numel() and 8 * K * 8 <= n_valid:
+        K *= 8
+        go = pending[2 * predicted[pending] <= K]
+        if not go.numel():
+            continue
+        vk, ki = _topk_logits(q[None, go], k[None], mask if mask is None else mask[None], scale, K, backend)
+        wk, ksup, proven = _support_from_sorted(vk[0])
+        kr = int(ksup[proven].max()) if bool(proven.any()) else 0
+        if kr > w.shape[1]:
+            idx = torch.nn.functional.pad(idx, (0, kr - w.shape[1]), value=-1)
+            w = torch.nn.functional.pad(w, (0, kr - w.shape[1]), value=0.0)
+        rows = go[proven]
+        wk = wk[proven, :w.shape[1]]
+        w[rows, :wk.shape[1]] = wk.to(w.dtype)
+        idx[rows, :wk.shape[1]] = torch.where(wk > 0, ki[0, proven, :wk.shape[1]], -1)
+        done = torch.zeros(n, dtype=torch.bool, device=q.device)
+        done[rows] = True
+        pending = pending[~done[pending]]
+        vu = vk[0, ~proven]  # still wider than this list: predict again from it
+        predicted[go[~proven]] = 1.0 / (vu.mean(-1) - vu[:, -1]).double()
+    if pending.numel():
+        fi, fw = _dense_rows_sparse(q[pending], k, mask, scale, backend)
+        kr = max(w.shape[1], fi.shape[1])
+        idx = torch.nn.functional.pad(idx, (0, kr - idx.shape[1]), value=-1)
+        w = torch.nn.functional.pad(w, (0, kr - w.shape[1]), value=0.0)
+        idx[pending, :fi.shape[1]] = fi
+        w[pending, :fw.shape[1]] = fw.to(w.dtype)
+    return idx, w
+
+
 def _sparse_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, argmax: bool,
                     backend: str) -> tuple[Tensor, Tensor]:
     """(idx, w) [B, N, kmax] of the sparse lookup with a fast backend."""
@@ -394,7 +452,7 @@ def _sparse_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, 
         rows = redo[redo[:, 0] == b, 1]
         kb = k[0 if k.shape[0] == 1 else b]
         mb = None if mask is None else mask[0 if mask.shape[0] == 1 else b]
-        fixes.append((b, rows, *_dense_rows_sparse(q[b, rows], kb, mb, scale, backend)))
+        fixes.append((b, rows, *_wide_rows_sparse(q[b, rows], kb, mb, scale, vals[b, rows], backend)))
     kmax = max(kmax, max(fi.shape[-1] for _, _, fi, _ in fixes))
     idx = torch.nn.functional.pad(idx, (0, kmax - idx.shape[-1]), value=-1)
     w = torch.nn.functional.pad(w, (0, kmax - w.shape[-1]), value=0.0)
@@ -404,9 +462,28 @@ def _sparse_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, 
     return idx, w
 
 
+def _gather_dense(w: Tensor, idx: Tensor, v: Tensor) -> Tensor:
+    """_gather for wide supports: rows of dense weights (2^23 at a time) times the
+    values, a GEMM instead of one scattered value row per weight."""
+    B, N, _ = w.shape
+    M = v.shape[1]
+    out = torch.empty(B, N, v.shape[2], dtype=torch.float32)
+    slot = torch.where(idx < 0, M, idx)
+    starts, chunk = _row_chunks(N, M + 1)
+    for b in range(B):
+        vb = v[0 if v.shape[0] == 1 else b].to(torch.float32)
+        for s in starts:
+            wd = torch.zeros(min(chunk, N - s), M + 1, dtype=torch.float32)
+            wd.scatter_add_(1, slot[b, s:s + chunk], w[b, s:s + chunk].to(torch.float32))
+            torch.matmul(wd[:, :M], vb, out=out[b, s:s + chunk])
+    return out
+
+
 def _gather(w: Tensor, idx: Tensor, v: Tensor, backend: str) -> Tensor:
     """out[b, n] = sum_s w[b, n, s] v[b, idx[b, n, s]] in float32 (cpu or triton)."""
     B, N, _ = w.shape
+    if backend == "cpu" and 32 * w.shape[2] > v.shape[1]:
+        return _gather_dense(w, idx, v)  # supports past M / 32: the GEMM reads less per weight
     if backend == "cpu":
         out = torch.empty(B, N, v.shape[2], dtype=torch.float32)
         _ext._C.dict_gather(w.contiguous().numpy(), idx.contiguous().numpy(), _ext.as_array(v.contiguous()),
