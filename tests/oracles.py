@@ -139,7 +139,7 @@ def sparsemax_f64(z: np.ndarray) -> np.ndarray:
     with the support found by the explicit condition over the sorted values."""
     z = np.asarray(z, dtype=np.float64)
     keep = np.isfinite(z)
-    zf = z[keep]
+    zf = z[keep] - z[keep].max()  # exact for float32 inputs; keeps 1 + j z visible at any offset
     s = np.sort(zf)[::-1]
     support = 0
     total = 0.0

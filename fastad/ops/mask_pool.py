@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fastad import _ext
 from fastad._backend import resolve_backend, triton_interpret
-from fastad._checks import FLOAT_DTYPES, check_choice, check_tensor, describe
+from fastad._checks import FLOAT_DTYPES, check_choice, check_finite, check_tensor, describe
 
 __all__ = ["mask_pool", "mask_pool_reference", "MaskPoolOutput"]
 
@@ -117,6 +117,11 @@ def _normalise(features, masks, size, resize, align_corners, threshold, compleme
     if masks.shape[0] != features.shape[0]:
         raise ValueError(f"fastad.ops.{OP}: `masks` [B, R, Hm, Wm] and `features` [B, C, H, W] must share B, got "
                          f"{describe(masks)} and {describe(features)}")
+    # a NaN / inf would spread over every pooled mean it touches (and, in a mask, to
+    # the count): refuse it, as the other ops do
+    check_finite(OP, "features", features)
+    if masks.dtype.is_floating_point:
+        check_finite(OP, "masks", masks)
     if min(features.shape[-2:]) < 1 or min(masks.shape[-2:]) < 1:
         raise ValueError(f"fastad.ops.{OP}: spatial sizes must be >= 1, got `features` {describe(features)} "
                          f"and `masks` {describe(masks)}")
@@ -664,7 +669,7 @@ def mask_pool(features: torch.Tensor, masks: torch.Tensor, size: Union[int, Sequ
     [B, R, Hp, Wp] or [B, C, Hp, Wp] tensor is built. The reference holds the
     resized features and masks (about B*(C + 3R)*Hp*Wp floats). Soft-mask
     gradients hold [B, R, nout, Hp, Wp]. With ``eps=0`` an empty mask gives NaN,
-    as in the reference.
+    as in the reference. NaN or infinite ``features`` or float ``masks`` raise ValueError.
     """
     sh, sw, comp = _normalise(features, masks, size, resize, align_corners, threshold, complement, eps)
     if not isinstance(return_counts, bool):
