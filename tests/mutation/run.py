@@ -135,19 +135,24 @@ def main(argv: list[str] | None = None) -> int:
             dirty = not build(scratch, build_dir, log)
         return not dirty
 
+    # Baselines first, on the clean build: the named tests must pass unmutated.
+    for m in todo:
+        if m.tests not in baseline_ok:
+            baseline_ok[m.tests] = run_tests(scratch, m.tests, log, args.timeout) == 0
+    # C++ mutations first: a restore and the next mutation then share one build.
+    todo.sort(key=lambda m: not m.file.endswith(C_SUFFIXES))
     for m in todo:
         t0 = time.time()
         native = m.file.endswith(C_SUFFIXES)
-        if m.tests not in baseline_ok:
-            baseline_ok[m.tests] = ensure_built() and run_tests(scratch, m.tests, log, args.timeout) == 0
         if not baseline_ok[m.tests]:
             verdict = "baseline failed"
         else:
             (scratch / m.file).write_text(originals[m.file].replace(m.old, m.new))
-            dirty = dirty or native
-            if native and not build(scratch, build_dir, log):
-                verdict = "build failed"
+            # rebuild for a C++ mutation, or when the extension still holds the previous one
+            if (native or dirty) and not build(scratch, build_dir, log):
+                verdict, dirty = "build failed", True
             else:
+                dirty = native
                 rc = run_tests(scratch, m.tests, log, args.timeout)
                 verdict = "caught" if rc == 1 else ("SURVIVED" if rc == 0 else f"error (pytest rc {rc})")
             sync(ROOT, scratch, [m.file])  # restore (fresh mtime: the next build recompiles it)
