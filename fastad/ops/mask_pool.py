@@ -117,11 +117,6 @@ def _normalise(features, masks, size, resize, align_corners, threshold, compleme
     if masks.shape[0] != features.shape[0]:
         raise ValueError(f"fastad.ops.{OP}: `masks` [B, R, Hm, Wm] and `features` [B, C, H, W] must share B, got "
                          f"{describe(masks)} and {describe(features)}")
-    # a NaN / inf would spread over every pooled mean it touches (and, in a mask, to
-    # the count): refuse it, as the other ops do
-    check_finite(OP, "features", features)
-    if masks.dtype.is_floating_point:
-        check_finite(OP, "masks", masks)
     if min(features.shape[-2:]) < 1 or min(masks.shape[-2:]) < 1:
         raise ValueError(f"fastad.ops.{OP}: spatial sizes must be >= 1, got `features` {describe(features)} "
                          f"and `masks` {describe(masks)}")
@@ -157,6 +152,14 @@ def _normalise(features, masks, size, resize, align_corners, threshold, compleme
     if sh < 1 or sw < 1:
         raise ValueError(f"fastad.ops.{OP}: `size` must be positive, got {size!r}")
     return sh, sw, comp
+
+
+def _check_values(features: torch.Tensor, masks: torch.Tensor) -> None:
+    """A NaN / inf would spread over every pooled mean it touches (in a mask, to the
+    count too): refuse it, as the other ops do. Runs inside the op (data-dependent)."""
+    check_finite(OP, "features", features)
+    if masks.dtype.is_floating_point:
+        check_finite(OP, "masks", masks)
 
 
 # --------------------------------------------------------------------------- resize tables
@@ -571,6 +574,7 @@ def _call(size_h: int, size_w: int, resize: str, align_corners: bool, threshold:
 def _mask_pool_op(features: torch.Tensor, masks: torch.Tensor, size_h: int, size_w: int, resize: str,
                   align_corners: bool, threshold: Optional[float], complement: int, eps: float,
                   backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_values(features, masks)
     return _forward(features, masks, _call(size_h, size_w, resize, align_corners, threshold, complement, eps, backend))
 
 
@@ -676,6 +680,7 @@ def mask_pool(features: torch.Tensor, masks: torch.Tensor, size: Union[int, Sequ
         raise TypeError(f"fastad.ops.{OP}: `return_counts` must be a bool, got {describe(return_counts)}")
     name = resolve_backend(OP, backend, features.device, ("reference", "cpu", "triton"))
     if name == "reference":
+        _check_values(features, masks)
         result = mask_pool_reference(features, masks, (sh, sw), resize, align_corners, threshold, complement, eps)
     else:
         thr = None if threshold is None else float(threshold)
