@@ -16,7 +16,7 @@ BENCH_ARGS ?= --quick
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install build test demo bench mutation clean
+.PHONY: install build test demo bench mutation clean gpu-check gpu-check-quick
 
 install: $(INSTALLED)
 
@@ -49,6 +49,14 @@ demo: $(BUILT)
 bench: $(BUILT)
 	$(PIP) install -q -e ".[bench]" $(TORCH_PIN)
 	$(VENV)/bin/fastad bench $(BENCH_ARGS)
+
+# On a machine with a CUDA device: CUDA tests, GPU benchmarks side by side, models end to
+# end -> benchmarks/results/gpu-<card>.md (without a GPU: says so, exits 0).
+gpu-check: $(BUILT)
+	$(PY) benchmarks/gpu_check.py
+
+gpu-check-quick: $(BUILT)
+	$(PY) benchmarks/gpu_check.py --quick
 
 clean:
 	rm -rf build fastad/_C*.so

@@ -49,10 +49,10 @@ def torch_loop(x: torch.Tensor, k: int, start: int = 0) -> torch.Tensor:
     """The plain loop: float32 difference-form distances, argmax, one step at a time
     ([B, N, C]: B problems at once)."""
     xb = x if x.dim() == 3 else x.unsqueeze(0)
-    rows = torch.arange(xb.shape[0])
-    s = torch.full((xb.shape[0],), start, dtype=torch.long)
+    rows = torch.arange(xb.shape[0], device=xb.device)
+    s = torch.full((xb.shape[0],), start, dtype=torch.long, device=xb.device)
     picks = [s]
-    mind = torch.full(xb.shape[:2], math.inf)
+    mind = torch.full(xb.shape[:2], math.inf, device=xb.device)
     for _ in range(k - 1):
         mind = torch.minimum(mind, torch.linalg.norm(xb - xb[rows, s].unsqueeze(1), dim=2))
         mind[rows, s] = -math.inf

@@ -33,7 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fastad._memory import PeakMemory
-from fastad.data.mvtec import CategorySplit, image_shape, load_mvtec, load_visa, read_image, read_mask
+from fastad.data.mvtec import (CategorySplit, image_shape, load_mvtec, load_visa, read_image, read_mask,
+                               resolve_layout)
 
 METHODS = ("inctrlv2", "dictas", "saa_plus", "icas")
 
@@ -96,6 +97,8 @@ class _Runner:
 class CLIPRunner(_Runner):
     """InCTRLv2 / DictAS: CLIP-normalised inputs, the backbone pass and the head timed apart."""
 
+    feature_cache = None  # a fastad.feature_cache.FeatureCache shared by runs that see the same images
+
     def __init__(self, model: Any, category: str, class_name: str | None = None) -> None:
         import open_clip
 
@@ -108,15 +111,23 @@ class CLIPRunner(_Runner):
     def _norm(self, images: torch.Tensor) -> torch.Tensor:
         return (images.to(self.model.device) - self.mean) / self.std
 
+    def _encode(self, images: torch.Tensor) -> Any:
+        """The frozen backbone's features, through ``feature_cache`` (a FeatureCache) when set."""
+        x = self._norm(images)
+        return self.model.encode(x) if self.feature_cache is None else self.feature_cache.encode(self.model.encode, x)
+
     @torch.no_grad()
     def set_references(self, images: torch.Tensor, meter: StageMeter) -> None:
         with meter("references (encode + cache)"):
-            self.model.set_references(self._norm(images), category=self.category, class_name=self.class_name)
+            prepare = getattr(self.model, "prepare_references", None)  # DictAS: the authors' screw rotations
+            if prepare is not None:
+                images = prepare(images, self.category)
+            self.model.set_references(self._encode(images), category=self.category, class_name=self.class_name)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, meter: StageMeter) -> tuple[torch.Tensor, torch.Tensor]:
         with meter("backbone (CLIP image encoder)"):
-            feats = self.model.encode(self._norm(images))
+            feats = self._encode(images)
         with meter(f"head ({self.model.backend} backend)"):
             out = self.model.head(feats, self.category)
         return out["image_scores"], out["anomaly_maps"]
@@ -180,6 +191,39 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def check_device(device: str) -> None:
+    """EvaluationError (naming --device) for a device string torch rejects or CUDA that is not here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise EvaluationError(f"--device {device!r} is not a torch device ({exc}); use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise EvaluationError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
+
+
+def _valid_keys(method: str) -> list[str]:
+    """The ``--config`` keys the model of ``method`` accepts (for error messages)."""
+    import dataclasses
+    import inspect
+
+    from fastad import models
+
+    cls = {"inctrlv2": models.InCTRLv2, "dictas": models.DictAS, "icas": models.ICAS, "saa_plus": models.SAAPlus}[method]
+    keys = {n for n, p in inspect.signature(cls).parameters.items()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    keys -= {"pretrained", "checkpoint_path", "backbone_weights", "backend", "config", "category", "proposer",
+             "refiner", "dataset"}
+    if method in ("inctrlv2", "dictas"):
+        from fastad.models.dictas import DictASConfig
+        from fastad.models.inctrlv2 import InCTRLConfig
+
+        keys |= {f.name for f in dataclasses.fields(InCTRLConfig if method == "inctrlv2" else DictASConfig)}
+        if method == "inctrlv2":
+            keys.add("preset")
+    return sorted(keys)
+
+
 def _check_file(path: str | None, what: str) -> None:
     if path is not None and not Path(path).is_file():
         raise EvaluationError(f"{what} {path} does not exist")
@@ -200,7 +244,7 @@ def _checkpoint_errors(path: str, method: str) -> Iterator[None]:
 
 def _load_icas_checkpoint(model: Any, path: str) -> None:
     """A state dict of ``fastad.models.ICAS`` (encoder keys optional: the frozen encoder
-    keeps the ``--backbone`` weights when the checkpoint leaves it out)."""
+    keeps the ``--backbone-weights`` weights when the checkpoint leaves it out)."""
     from fastad.models.checkpoint import load_mapped_state_dict, read_state_dict
 
     state = read_state_dict(path, containers=("model", "state_dict", "model_state"))
@@ -220,12 +264,15 @@ def build_runner(method: str, category: str, *, checkpoint: str | None = None, b
     ``backbone``: the frozen backbone's weights (CLIP for InCTRLv2 / DictAS, DINOv2 for iCAS,
     WideResNet-50-2 for SAA+'s saliency). ``config``: constructor overrides of the model
     (e.g. ``{"backbone": "fastad-tiny", "image_size": 64}``; InCTRLv2 takes ``preset`` v1 / v2).
-    SAA+ needs GroundingDINO (``proposer_config`` + ``proposer_checkpoint``) and SAM
+    ``dataset``: SAA+'s prompt table; DictAS applies the authors' rules of that dataset and
+    ``category`` (alpha = 0 for the categories they list, rotated references for screw: see
+    ``DictAS.apply_dataset_rules`` / ``prepare_references``). SAA+ needs GroundingDINO (``proposer_config`` + ``proposer_checkpoint``) and SAM
     (``sam_checkpoint``, else boxes are filled as masks).
     """
     if method not in METHODS:
         raise EvaluationError(f"unknown method {method!r}; expected one of {METHODS}")
     config = dict(config or {})
+    check_device(device)
     for path, what in ((checkpoint, "checkpoint"), (backbone, "backbone weights"),
                        (proposer_checkpoint, "GroundingDINO checkpoint"), (proposer_config, "GroundingDINO config"),
                        (sam_checkpoint, "SAM checkpoint")):
@@ -235,9 +282,10 @@ def build_runner(method: str, category: str, *, checkpoint: str | None = None, b
             from fastad.models import DictAS, InCTRLv2
 
             if method == "inctrlv2":
-                model = InCTRLv2(config.pop("preset", "v2"), pretrained=backbone, backend=backend, **config)
+                model = InCTRLv2(config.pop("preset", "v2"), backbone_weights=backbone, backend=backend, **config)
             else:
-                model = DictAS(pretrained=backbone, backend=backend, **config)
+                model = DictAS(backbone_weights=backbone, backend=backend, **config)
+                model.apply_dataset_rules(dataset, category)
             if checkpoint is not None:
                 with _checkpoint_errors(checkpoint, method):
                     model.load_checkpoint(checkpoint)
@@ -245,7 +293,7 @@ def build_runner(method: str, category: str, *, checkpoint: str | None = None, b
         if method == "icas":
             from fastad.models import ICAS
 
-            model = ICAS(checkpoint_path=backbone, backend=backend, **config)
+            model = ICAS(backbone_weights=backbone, backend=backend, **config)
             if checkpoint is not None:
                 with _checkpoint_errors(checkpoint, method):
                     _load_icas_checkpoint(model, checkpoint)
@@ -259,13 +307,20 @@ def build_runner(method: str, category: str, *, checkpoint: str | None = None, b
         proposer = GroundingDINOProposer.from_config(proposer_config, proposer_checkpoint, device=device)
         refiner = SAMRefiner.from_checkpoint(sam_type, sam_checkpoint, device=device) if sam_checkpoint \
             else BoxMaskRefiner()
-        model = SAAPlus(category, proposer, refiner, dataset=dataset, checkpoint_path=backbone, backend=backend,
+        model = SAAPlus(category, proposer, refiner, dataset=dataset, backbone_weights=backbone, backend=backend,
                         **config)
         return SAAPlusRunner(model.to(device))
     except EvaluationError:
         raise
     except (TypeError, ValueError) as exc:  # an unknown --config key or a value the model rejects
-        raise EvaluationError(f"{method}: bad model configuration (--config {config}): {exc}") from exc
+        raise EvaluationError(f"{method}: bad model configuration (--config {config}): {exc}; "
+                              f"valid --config keys: {', '.join(_valid_keys(method))}") from exc
+    except (RuntimeError, KeyError, OSError, EOFError, __import__("pickle").UnpicklingError) as exc:
+        if backbone is None:
+            raise
+        # the frozen backbone's weights are read in the constructor: a foreign file fails there
+        raise EvaluationError(f"--backbone-weights {backbone} cannot be loaded as the backbone of {method} "
+                              f"(config {config or 'default'}): {str(exc).splitlines()[0][:300]}") from exc
     except ImportError as exc:
         raise EvaluationError(f"{method} needs a package that is not installed: {exc}") from exc
 
@@ -276,11 +331,8 @@ def load_split(data: str | Path, category: str, layout: str = "auto") -> tuple[C
     data = Path(data)
     if not data.is_dir():
         raise EvaluationError(f"dataset folder {data} does not exist")
-    if layout == "auto":
-        layout = "visa" if (data / "split_csv" / "1cls.csv").is_file() else "mvtec"
-    if layout not in ("mvtec", "visa"):
-        raise EvaluationError(f"unknown layout {layout!r}; expected auto, mvtec or visa")
     try:
+        layout = resolve_layout(data, layout)
         split = load_mvtec(data, category) if layout == "mvtec" else load_visa(data, category)
     except (FileNotFoundError, ValueError) as exc:
         raise EvaluationError(str(exc)) from exc
@@ -373,9 +425,11 @@ class EvaluationResult:
 
 def evaluate(runner: Runner, data: str | Path, category: str, out: str | Path | None = None, *, shots: int = 4,
              seed: int = 0, references: str | Path | None = None, layout: str = "auto", batch_size: int = 8,
-             overlays: bool = True, progress: bool = True, method: str = "", device: str = "cpu") -> EvaluationResult:
+             overlays: bool = True, progress: bool = True, method: str = "", device: str = "cpu",
+             options: dict[str, Any] | None = None) -> EvaluationResult:
     """Run ``runner`` over the test split of ``category`` and score it with fastad.metrics;
-    writes the files listed in the module docstring when ``out`` is given."""
+    writes the files listed in the module docstring when ``out`` is given. ``options`` (e.g.
+    the weights' paths and the model config) are recorded in ``metrics.json``."""
     from fastad import __version__, metrics
 
     if batch_size < 1:
@@ -411,7 +465,7 @@ def evaluate(runner: Runner, data: str | Path, category: str, out: str | Path | 
             "references": [str(p) for p in refs], "test_images": len(split.test),
             "anomalous_images": int(labels.sum()), "map_size": size, "device": device,
             "fastad": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.processor() or platform.machine()}
+            "machine": platform.processor() or platform.machine(), **(options or {})}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

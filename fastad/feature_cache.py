@@ -25,7 +25,7 @@ import torch
 
 from fastad._io import atomic_write
 
-__all__ = ["FeatureCache", "cache_key_digest"]
+__all__ = ["FeatureCache", "cache_key_digest", "weights_digest"]
 
 
 def cache_key_digest(key: Mapping[str, Any]) -> str:
@@ -37,10 +37,24 @@ def cache_key_digest(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def _hash_tensor(h: Any, t: torch.Tensor, name: str = "") -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A digest of a module's parameters and buffers (names, dtypes, shapes, bytes), for
+    ``key``: it tells random initialisations and different checkpoints apart."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        _hash_tensor(h, t, name)
+    return h.hexdigest()[:20]
+
+
 def _image_digest(image: torch.Tensor) -> str:
-    t = image.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h = hashlib.sha256()
+    _hash_tensor(h, image)
     return h.hexdigest()[:32]
 
 
@@ -61,6 +75,8 @@ def _stack(items: list[dict[str, Any]], device: torch.device | None) -> Any:
     from fastad.models.clip_backbone import ImageFeatures
 
     kind = items[0]["kind"]
+    if device is None:
+        device = torch.device("cpu")
     if kind == "tensor":
         return torch.stack([it["x"] for it in items]).to(device)
     tokens = [torch.stack([it["tokens"][j] for it in items]).to(device) for j in range(len(items[0]["tokens"]))]
@@ -86,6 +102,32 @@ class FeatureCache:
     def _file(self, ident: str) -> Path:
         return self.dir / ident[:2] / f"{ident}.pt"
 
+    @staticmethod
+    def _ident(ident: str) -> str:
+        return hashlib.sha256(str(ident).encode()).hexdigest()[:32]
+
+    def _read(self, ident: str) -> dict[str, Any] | None:
+        try:
+            return torch.load(self._file(ident), mmap=True, weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+            return None  # absent, or unreadable: recompute and rewrite
+
+    def contains(self, ident: str) -> bool:
+        """Whether the image called ``ident`` in :meth:`encode` has an entry."""
+        return self._file(self._ident(ident)).is_file()
+
+    def load(self, ids: Sequence[str], device: torch.device | str | None = None) -> Any:
+        """The cached outputs of the images called ``ids`` in :meth:`encode`, stacked, without
+        an encoder (memory-mapped reads). Raises KeyError naming the first id not cached."""
+        items = []
+        for i in ids:
+            item = self._read(self._ident(i))
+            if item is None:
+                raise KeyError(f"FeatureCache: {i!r} is not cached in {self.dir}")
+            items.append(item)
+        self.hits += len(items)
+        return _stack(items, None if device is None else torch.device(device))
+
     def encode(self, encoder: Callable[[torch.Tensor], Any], images: torch.Tensor,
                ids: Sequence[str] | None = None) -> Any:
         """``encoder(images)``, computing only the images not yet in the cache.
@@ -95,15 +137,8 @@ class FeatureCache:
         n = images.shape[0]
         if ids is not None and len(ids) != n:
             raise ValueError(f"FeatureCache.encode: {len(ids)} ids for {n} images")
-        idents = ([hashlib.sha256(str(i).encode()).hexdigest()[:32] for i in ids] if ids is not None
-                  else [_image_digest(im) for im in images])
-        items: list[dict[str, Any] | None] = []
-        for ident in idents:
-            f = self._file(ident)
-            try:
-                items.append(torch.load(f, mmap=True, weights_only=True))
-            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
-                items.append(None)  # absent, or unreadable: recompute and rewrite
+        idents = ([self._ident(i) for i in ids] if ids is not None else [_image_digest(im) for im in images])
+        items: list[dict[str, Any] | None] = [self._read(ident) for ident in idents]
         todo = [i for i, it in enumerate(items) if it is None]
         self.hits += n - len(todo)
         self.misses += len(todo)

@@ -10,11 +10,13 @@ are never loaded (masked loads), which is where the speed comes from on data wit
 structure; the skip has a margin far above the float32 rounding of D, so the mins
 (and picks) equal the plain loop's.
 
-* small N (iCAS: B images x 1,369 patches): one program per problem runs all steps
-  on chip (``_persistent_kernel``), in chunks of steps when a progress bar is shown;
-* large N (coresets): per step, center distances, a fused update + block argmax over
-  the rows, and a tiny per-problem reduction. The picked index stays on the device
-  (no host sync); each step is three launches.
+* many small problems (iCAS: B images x 1,369 patches; N <= 2,048, or B >= a quarter
+  of the GPU's SMs): one program per problem runs all steps on chip
+  (``_persistent_kernel``), in chunks of steps when a progress bar is shown;
+* otherwise (coresets, a single large problem): per step, center distances, a fused
+  update + block argmax over the rows on the whole grid, and a tiny per-problem
+  reduction. The picked index stays on the device (no host sync); each step is three
+  launches.
 
 Selected points hold mind = -inf (never re-picked); radius = max mind at the end.
 """
@@ -30,6 +32,7 @@ from fastad._backend import triton_interpret
 
 _KAPPA2 = 1e-5  # triangle-test margin (see csrc/cpu/kcenter_kernel.cpp)
 _PERSISTENT_MAX_N = 16384
+_PERSISTENT_SMALL_N = 2048  # rows of a problem that one program handles at least as fast as a grid
 
 
 @triton.jit
@@ -202,6 +205,17 @@ def _blocks(C: int) -> dict:
     return dict(BLOCK_C=bc, LOG2BC=bc.bit_length() - 1, NCH=nch, LOG2NCH=nch.bit_length() - 1)
 
 
+def _use_persistent(B: int, N: int, dev: torch.device, interp: bool) -> bool:
+    """One program per problem pays off when the problems fill the GPU (or are tiny);
+    a few large problems (a PatchCore coreset) take the multi-block path instead, where
+    every step spreads the rows over the whole GPU and reduces the pick on the device."""
+    if N > _PERSISTENT_MAX_N:
+        return False
+    if interp or dev.type != "cuda" or N <= _PERSISTENT_SMALL_N:
+        return True
+    return B >= torch.cuda.get_device_properties(dev).multi_processor_count // 4
+
+
 def kcenter_select(xb: torch.Tensor, forced: torch.Tensor, picks: int, progress: bool = False,
                    persistent: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """xb [B, N, C] contiguous (float32/16, bfloat16), forced [B, M] int64 on xb's device.
@@ -222,9 +236,9 @@ def kcenter_select(xb: torch.Tensor, forced: torch.Tensor, picks: int, progress:
     out = torch.zeros((B, picks), dtype=torch.int64, device=dev)
     radius = torch.zeros(B, dtype=torch.float32, device=dev)
     blk = _blocks(C)
-    if persistent is None:
-        persistent = N <= _PERSISTENT_MAX_N
     interp = triton_interpret()
+    if persistent is None:
+        persistent = _use_persistent(B, N, dev, interp)
     with _progress_bar(picks, progress) as bar:
         if persistent:
             bn = 16 if interp else 32

@@ -13,15 +13,17 @@ The pipeline, per chunk of query rows:
    Candidates: every bank row whose key is within 2m of an upper bound U of the
    k-th smallest exact key K*. Any j among the exact top k has key_j <= K* <= U, so
    key~_j <= U + m: the candidate set holds the whole exact top k, ties included.
-   * k <= 16: one fused pass. U = (k-th smallest of the per-group minima of the keys
-     seen so far) + m, kept in registers: the minima belong to distinct bank rows.
+   * k <= 16: one fused pass. U = (k-th smallest key seen so far) + m, the k smallest
+     keys of distinct bank rows kept per row in registers (k >= 2: a tile updates them
+     only with its keys below the current k-th, one at a time, rarely after the first tiles).
      The bank may be split across programs (split-M parallelism); each split keeps its
      own bound, which is valid because the exact top k restricted to a split is part
      of that split's own top k.
    * larger k (SAA+: 400 of 4,096 or 65,536): a range pass (per-row min / max key), one
      to three histogram passes (256 bins per row, refined around the k-th) give a
      threshold T with at least k keys <= T, so U = T + m; then a collecting pass.
-   Candidates are appended (atomic per-row counter) to a buffer of ``cap`` slots per row.
+   Candidates are appended to a buffer of ``cap`` slots per row: one atomic per row and
+   tile reserves the slots, then the candidates are written one per row and step.
 2. Re-rank (``_pairs_kernel``): the exact float32 metric value of every candidate
    (plain FMA loops on the original inputs; L2 as sum((q - b)^2), so near-duplicates
    are exact), then the k smallest (value, index) pairs, packed into int64 keys so that
@@ -59,7 +61,10 @@ _U = 2.0 ** -24  # float32 unit roundoff
 
 # Fixed tiles under the interpreter (small, to keep the CPU emulation fast).
 _INTERP_SCREEN = dict(BLOCK_N=32, BLOCK_M=64, BLOCK_K=32)
+# The first config is the default: no register spills on sm_80 / sm_90 in any mode
+# (tests/test_aot_compile.py; benchmarks/results/aot-sm80-sm90.md has them all).
 _SCREEN_CONFIGS = [
+    triton.Config(dict(BLOCK_N=64, BLOCK_M=256, BLOCK_K=64), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_N=128, BLOCK_M=256, BLOCK_K=64), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64), num_warps=8, num_stages=4),
@@ -102,7 +107,7 @@ def _screen_kernel(qs_ptr, bs_ptr, wq_ptr, wb_ptr, cb_ptr, pa_ptr, pb_ptr, qg_pt
     kk = tl.arange(0, BLOCK_K)
 
     kidx = tl.arange(0, KP)
-    # k smallest group minima so far (slots >= K pinned at -inf, never replaced)
+    # k smallest keys of distinct bank rows so far (slots >= K pinned at -inf, never replaced)
     lst = tl.where(kidx[None, :] < K, float("inf"), float("-inf")) + tl.zeros([BLOCK_N, KP], tl.float32)
     kth = tl.full([BLOCK_N], float("inf"), tl.float32)
     lo = tl.full([BLOCK_N], float("inf"), tl.float32)
@@ -144,30 +149,47 @@ def _screen_kernel(qs_ptr, bs_ptr, wq_ptr, wb_ptr, cb_ptr, pa_ptr, pb_ptr, qg_pt
             x = (tl.where(elig, key, pa[:, None]) - pa[:, None]) * pb[:, None]
             x = tl.minimum(tl.maximum(x, 0.0), NB - 1.0)
             ones = tl.full([BLOCK_N, BLOCK_M], 1, tl.int32)
-            tl.atomic_add(out_ptr + crow[:, None] * NB + x.to(tl.int32), ones, mask=elig)
+            # relaxed: only the final counts matter (no ordering), so a fire-and-forget reduction
+            tl.atomic_add(out_ptr + crow[:, None] * NB + x.to(tl.int32), ones, mask=elig, sem="relaxed")
         else:
             if MODE == 0:
                 if KP == 1:
                     kth = tl.minimum(kth, tl.min(key, axis=1))
                 else:
-                    gmin = tl.min(tl.reshape(key, [BLOCK_N, KP, BLOCK_M // KP]), axis=2)
-                    if tl.sum((gmin < kth[:, None]).to(tl.int32)) > 0:
-                        for g in tl.static_range(KP):
-                            v = tl.min(tl.where(kidx[None, :] == g, gmin, float("inf")), axis=1)
-                            cmax, am = tl.max(lst, axis=1, return_indices=True)
-                            hit = (kidx[None, :] == am[:, None]) & (v < cmax)[:, None]
-                            lst = tl.where(hit, v[:, None], lst)
+                    # Insert the tile's keys below the current k-th into the k kept ones in
+                    # (key, column) order, one bank row at a time: the kept keys stay those
+                    # of distinct bank rows; late tiles rarely have any. The order is the
+                    # only state (last key and column per row): no tile-sized loop state.
+                    lastv = tl.full([BLOCK_N], float("-inf"), tl.float32)
+                    lastc = tl.full([BLOCK_N], -1, tl.int32)
+                    while tl.sum(((key < kth[:, None]) & ((key > lastv[:, None]) | (
+                            (key == lastv[:, None]) & (cols[None, :] > lastc[:, None])))).to(tl.int32)) > 0:
+                        rem = (key < kth[:, None]) & ((key > lastv[:, None]) | (
+                            (key == lastv[:, None]) & (cols[None, :] > lastc[:, None])))
+                        lastv = tl.min(tl.where(rem, key, float("inf")), axis=1)
+                        lastc = tl.min(tl.where(rem & (key == lastv[:, None]), cols[None, :], 2147483647), axis=1)
+                        cmax, am = tl.max(lst, axis=1, return_indices=True)
+                        hit = (kidx[None, :] == am[:, None]) & (lastv < cmax)[:, None]
+                        lst = tl.where(hit, lastv[:, None], lst)
                         kth = tl.max(lst, axis=1)
                 thr = kth + 2.0 * pa
             else:
                 thr = pa
-            cm = elig & (key <= thr[:, None])
-            cmi = cm.to(tl.int32)
-            ncol = tl.sum(cmi, axis=1)
+            # ineligible keys are +inf, and thr may be +inf (fewer than k keys seen so far)
+            ncol = tl.sum(((key <= thr[:, None]) & (key < float("inf"))).to(tl.int32), axis=1)
             if tl.max(ncol, axis=0) > 0:
+                # Reserve ncol slots per row (the count keeps growing past cap: overflow ->
+                # exact fallback), then write the candidates one per row and step in column
+                # order (the last column written is the only loop state): no prefix sum,
+                # no scatter of a whole tile of addresses, no tile-sized loop state.
                 base = tl.atomic_add(cnt_ptr + crow, ncol, mask=ncol > 0)
-                pos = base[:, None] + tl.cumsum(cmi, axis=1) - 1
-                tl.store(cand_ptr + crow[:, None] * cap + pos, cols[None, :], mask=cm & (pos < cap))
+                todo = tl.where(ncol > 0, tl.minimum(ncol, tl.maximum(cap - base, 0)), 0)
+                dst = cand_ptr + crow * cap + base
+                c = tl.full([BLOCK_N], -1, tl.int32)
+                for j in range(0, tl.max(todo, axis=0)):
+                    nxt = (key <= thr[:, None]) & (key < float("inf")) & (cols[None, :] > c[:, None])
+                    c = tl.min(tl.where(nxt, cols[None, :], 2147483647), axis=1)
+                    tl.store(dst + j, c, mask=j < todo)
 
     if MODE == 3:
         o = (crow * n_splits + pid_s) * 2
@@ -175,8 +197,31 @@ def _screen_kernel(qs_ptr, bs_ptr, wq_ptr, wb_ptr, cb_ptr, pa_ptr, pb_ptr, qg_pt
         tl.store(out_ptr + o + 1, hi, mask=row_ok)
 
 
+def _screen_smem(cfg: triton.Config, mode: int) -> int:
+    """Shared memory of a screen config (bytes, upper bound; checked against ptxas for
+    sm_80 / sm_90 by tests/test_aot_compile.py): the pipelined 16-bit operand tiles, or,
+    in histogram mode, the tile of 64-bit atomic addresses that Triton stages through
+    shared memory (the two are never live together)."""
+    kw = cfg.kwargs
+    smem = cfg.num_stages * (kw["BLOCK_N"] + kw["BLOCK_M"]) * kw["BLOCK_K"] * 2
+    if mode == _HIST:
+        smem = max(smem, kw["BLOCK_N"] * kw["BLOCK_M"] * 8)
+    return smem
+
+
+def _prune_screen(configs, named_args, smem_limit: int | None = None, **kwargs):
+    """Autotune pruning: only configs whose shared memory fits the device (opt-in limit
+    per block). ``smem_limit`` replaces the device query (ahead-of-time checks)."""
+    if smem_limit is None:
+        dev = named_args["qs_ptr"].device
+        smem_limit = torch.cuda.get_device_properties(dev).shared_memory_per_block_optin
+    fit = [c for c in configs if _screen_smem(c, kwargs["MODE"]) <= smem_limit]
+    return fit or [min(configs, key=lambda c: _screen_smem(c, kwargs["MODE"]))]
+
+
 _screen_tuned = triton.autotune(configs=_SCREEN_CONFIGS,
                                 key=["C", "tune_key", "MODE", "KP", "WANT_MAX", "HAS_CB", "HAS_GROUPS"],
+                                prune_configs_by={"early_config_prune": _prune_screen},
                                 reset_to_zero=["cnt_ptr", "out_ptr"])(_screen_kernel)
 
 

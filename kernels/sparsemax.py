@@ -98,11 +98,13 @@ def _topk_kernel(q_ptr, k_ptr, mask_ptr, vals_ptr, idx_ptr, flag_ptr, N, M, C, k
 def _dot_config(dtype: torch.dtype) -> dict:
     if triton_interpret():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4)
-    # 8 warps: the running top-K (64 x 32 values and keys) and the 64 x 64
-    # logit tile fit in registers without spills (ptxas, sm_90)
+    # 8 warps: the running top-K (64 x 32 values and keys) and the 64 x 64 logit
+    # tile fit in registers without spills on sm_80 and sm_90 (tests/test_aot_compile.py):
+    # float32 (FMA dots) with 16-wide operand chunks; a register cap of 192, without
+    # which ptxas picks 80 (16-bit, sm_80) or 128 (float32) registers and spills.
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, maxnreg=192)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, maxnreg=192)
 
 
 def _nonfinite_error() -> ValueError:
@@ -237,7 +239,8 @@ def softmax_lookup(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     cfg = _dot_config(q.dtype)
     if not triton_interpret():
-        cfg = dict(cfg, BLOCK_M=32, BLOCK_N=32)
+        # 16-bit inputs: 64-row tiles, the row count of one sm_90 warpgroup MMA (wgmma)
+        cfg = dict(cfg, BLOCK_M=32 if q.dtype == torch.float32 else 64, BLOCK_N=32)
     block_d = min(triton.next_power_of_2(max(Cv, 16)), 32 if triton_interpret() else 256)
     out = torch.empty(B, N, Cv, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, N, dtype=torch.float32, device=q.device)

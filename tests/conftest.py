@@ -43,3 +43,15 @@ def backend_available(name: str) -> bool:
 requires_cpu_ext = pytest.mark.skipif(not backend_available("cpu"), reason=str(fastad.backends()["cpu"].reason))
 requires_triton = pytest.mark.skipif(not backend_available("triton"), reason=str(fastad.backends()["triton"].reason))
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded local Ray (2 CPUs) shared by the tests/test_ray_*.py modules."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+    yield ray
+    ray.shutdown()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastad._io import atomic_dir, atomic_save, atomic_write
-from fastad.feature_cache import FeatureCache
+from fastad.feature_cache import FeatureCache, weights_digest
 from fastad.models.clip_backbone import ImageFeatures
 
 
@@ -85,3 +85,16 @@ def test_feature_cache_image_features_and_corrupt_entry(tmp_path):
     assert cache.misses == 3
     with pytest.raises(TypeError, match="ImageFeatures"):
         FeatureCache(tmp_path, {"k": 2}).encode(lambda x: [x], images)
+
+
+def test_weights_digest_tells_weights_apart():
+    torch.manual_seed(0)
+    a = torch.nn.Linear(3, 2)
+    torch.manual_seed(0)
+    b = torch.nn.Linear(3, 2)
+    assert weights_digest(a) == weights_digest(b)
+    with torch.no_grad():
+        b.bias[1] += 1e-6
+    assert weights_digest(a) != weights_digest(b)
+    c = torch.nn.BatchNorm1d(2)  # 0-dim buffer (num_batches_tracked)
+    assert weights_digest(c) != weights_digest(torch.nn.BatchNorm1d(3))

@@ -484,3 +484,22 @@ def test_reproduces_the_installed_anomalib_class():
     torch.manual_seed(3)
     start = int(torch.randint(high=2000, size=(1,)).squeeze())
     assert kcenter_greedy(x, 100, init=start).indices.tolist() == want
+
+
+@requires_triton
+def test_triton_path_choice(monkeypatch):
+    """One program per problem only while the problems fill the GPU (or are tiny): a single
+    large problem takes the multi-block path (every SM works on each step)."""
+    import types
+
+    from fastad.kernels import kcenter as kk
+
+    props = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
+    cuda = torch.device("cuda")
+    assert kk._use_persistent(32, 1369, cuda, interp=False)  # iCAS batch
+    assert kk._use_persistent(1, 1000, cuda, interp=False)  # tiny
+    assert kk._use_persistent(40, 10000, cuda, interp=False)  # fills the GPU
+    assert not kk._use_persistent(1, 10000, cuda, interp=False)  # one large problem
+    assert not kk._use_persistent(200, 20000, cuda, interp=False)  # beyond on-chip sizes
+    assert kk._use_persistent(1, 10000, cuda, interp=True)  # the interpreter: fewest launches

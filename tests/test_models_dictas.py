@@ -362,9 +362,100 @@ def test_checkpoint_errors_list_missing_unexpected_and_mismatched_keys():
     msg = str(err.value)
     assert err.value.missing == ["key_generator.mlp.fc2.bias"]
     assert "Query_Generator.extra.weight" in msg and "Fuse_Feature.compress.weight" in msg and "(1, 5)" in msg
-    # a model on two layers cannot take a four-layer Fuse_Feature
+    # Fuse_Feature follows fuse_layers (the authors' k = 4), not the layers used at test time
     with pytest.raises(CheckpointKeyError, match="fuse_modules"):
-        make_model(layers=(2, 4)).load_checkpoint(authors_state())
+        make_model(fuse_layers=2).load_checkpoint(authors_state())
+
+
+# The authors' test settings (models/utils.py BESTSEGMENTATION) on the 4-block tiny backbone
+# (their ViT-L block l -> block l / 6): (layers, scales, sigma, dataset, category).
+AUTHORS_SETTINGS = {
+    "visa": ((1, 2, 3, 4), (1, 3), 6.0, "visa", "candle"),
+    "mvtec": ((1, 2), (1, 3), 6.0, "mvtec", "bottle"),
+    "btad": ((1, 2), (1,), 6.0, "btad", "01"),
+    "mpdd": ((1, 2, 3, 4), (1,), 6.0, "mpdd", "bracket_brown"),
+    "classification-first": ((1, 2), (1, 3), 2.0, "mvtec", "bottle"),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(AUTHORS_SETTINGS))
+def test_authors_checkpoint_loads_and_scores_in_every_dataset_setting(setting):
+    """A checkpoint in the authors' layout (their names, Fuse_Feature for 4 layers) loads
+    whatever layers the setting tests with, and scores as the authors' test code."""
+    layers, scales, sigma, dataset, category = AUTHORS_SETTINGS[setting]
+    model = make_model(layers=layers, scales=scales, sigma=sigma)
+    model.load_checkpoint({"Mymodel": authors_state()})
+    model.apply_dataset_rules(dataset, category)
+    assert model.config.alpha == {"visa": 0.2, "mvtec": 0.2, "btad": 0.5, "mpdd": 0.0,
+                                  "classification-first": 0.2}[setting]
+    refs, q = images(2, 30), images(3, 31)
+    model.set_references(refs, category=category, text_features=text_protos())
+    with torch.no_grad():
+        scores, maps = model(q, category=category)
+        for b in range(3):
+            want_map, p_text = authors_test_forward(model, q[b:b + 1], refs, text_protos())
+            torch.testing.assert_close(maps[b], want_map.float(), atol=2e-6, rtol=0)
+            want = model.config.alpha * p_text + (1 - model.config.alpha) * want_map.max()
+            torch.testing.assert_close(scores[b], want.float(), atol=2e-6, rtol=0)
+
+
+def test_dataset_alpha_is_the_authors_metric_rule():
+    cfg = DictASConfig()
+    assert cfg.dataset_alpha("mvtec", "bottle") == cfg.dataset_alpha("VisA", "candle") == 0.2
+    assert cfg.dataset_alpha("mvtec", "wood") == 0.2  # MVTec AD's wood keeps the MVTec AD alpha
+    for cat in ("bracket_brown", "metal1", "metal2", "wood"):
+        assert cfg.dataset_alpha("MPDD", cat) == 0.0
+    assert cfg.dataset_alpha("mpdd", "bracket_black") == cfg.dataset_alpha("btad", "01") == 0.5
+    assert DictASConfig(other_alpha=0.3, zero_alpha_categories=()).dataset_alpha("mpdd", "bracket_brown") == 0.3
+
+
+# The authors' dataset.py Roate_support (albumentations 1.3.1) on a 7 x 9 image pair drawn
+# below: per output image, the pixel sum and the sum of pixel * (flat index + 1).
+ROTATED_SUMS = [24998, 24998, 25608, 25097, 24963, 24998, 25608, 25097, 24963, 24998, 24201, 24201, 25330, 25283,
+                24048, 24201, 25330, 25283, 24048, 24201]
+ROTATED_WEIGHTED = [2300644, 2447998, 2455005, 2302034, 2333157, 2300644, 2408337, 2464862, 2408787, 2447998,
+                    2339239, 2258899, 2412994, 2525666, 2377687, 2339239, 2400700, 2277446, 2191873, 2258899]
+
+
+def test_rotate_references_matches_the_authors_augmentation():
+    from fastad.models.dictas import rotate_references
+
+    imgs = torch.randint(0, 256, (2, 3, 7, 9), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    cfg = DictASConfig()
+    out = rotate_references(imgs, cfg.rotate_angles)
+    assert out.shape == (20, 3, 7, 9) and out.dtype == torch.uint8
+    hwc = out.permute(0, 2, 3, 1).to(torch.int64)
+    w = torch.arange(1, 7 * 9 * 3 + 1).reshape(7, 9, 3)
+    assert hwc.sum(dim=(1, 2, 3)).tolist() == ROTATED_SUMS
+    assert (hwc * w).sum(dim=(1, 2, 3)).tolist() == ROTATED_WEIGHTED
+    assert torch.equal(out[0], imgs[0]) and torch.equal(out[10], imgs[1])
+    floats = rotate_references(imgs.float() / 255, cfg.rotate_angles)
+    assert floats.dtype == torch.float32 and torch.equal((floats * 255).round().to(torch.uint8), out)
+    with pytest.raises(ValueError, match="images must be"):
+        rotate_references(imgs[0], cfg.rotate_angles)
+
+
+def test_prepare_references_rotates_screw_up_to_four_shots():
+    model = make_model()
+    refs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert model.prepare_references(refs, "screw").shape[0] == 20
+    assert model.prepare_references(refs, "bottle") is refs
+    five = torch.rand(5, 3, 16, 16)
+    assert model.prepare_references(five, "screw") is five  # more than rotate_max_shots: unchanged
+
+
+def test_evaluate_applies_the_dataset_rules():
+    from fastad.evaluate import StageMeter, build_runner
+
+    cfg = dict(TINY)
+    runner = build_runner("dictas", "bracket_brown", config=cfg, dataset="mpdd")
+    assert runner.model.config.alpha == 0.0
+    assert build_runner("dictas", "bracket_brown", config=cfg, dataset="mvtec").model.config.alpha == 0.2
+    runner = build_runner("dictas", "screw", config=cfg, dataset="mvtec")
+    runner.model.backbone.text_prototypes = lambda *a: text_protos()  # no tokenizer download
+    runner.set_references(torch.rand(1, 3, 64, 64), StageMeter())
+    refs = runner.model.references["screw"]
+    assert refs.shots == 10 and refs.keys[0, 1].shape[0] == 10 * 64
 
 
 # ------------------------------------------------------------------ training
@@ -376,6 +467,15 @@ def train_batch():
     masks[1, 8:40, 8:40] = 1
     masks[2, 30:60, 20:50] = 1
     return q, refs, masks, torch.tensor([0, 1, 1])
+
+
+def test_training_needs_fuse_layers_layers():
+    q, refs, masks, labels = train_batch()
+    with pytest.raises(ValueError, match="fuse_layers=4"):
+        make_model(layers=(2, 4)).compute_losses(q, refs, masks, labels, text_features=text_protos())
+    losses = make_model(layers=(2, 4), fuse_layers=2).compute_losses(q, refs, masks, labels,
+                                                                     text_features=text_protos())
+    assert bool(torch.isfinite(losses["loss"]))
 
 
 @pytest.mark.parametrize("backend", ["reference", "fastad"])

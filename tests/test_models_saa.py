@@ -370,3 +370,195 @@ def test_groundingdino_adapter_needs_the_package():
         pytest.skip("groundingdino is installed")
     with pytest.raises(ImportError):
         GroundingDINOProposer(torch.nn.Linear(1, 1))(torch.rand(3, 8, 8), "defect.")
+
+
+# --------------------------------------------------------------------------- the authors' input convention
+
+
+class TinyCNN(torch.nn.Module):
+    """A seeded three-stage CNN (strides 4, 8, 16) standing in for WideResNet-50-2's layers 1-3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        self.convs = torch.nn.ModuleList([torch.nn.Conv2d(3, 8, 3, stride=4, padding=1),
+                                          torch.nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                                          torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)])
+        with torch.no_grad():
+            for c in self.convs:
+                c.weight.copy_(0.3 * torch.randn(c.weight.shape, generator=g))
+                c.bias.copy_(0.1 * torch.randn(c.bias.shape, generator=g))
+
+    def forward(self, x):
+        out = []
+        for c in self.convs:
+            x = F.relu(c(x))
+            out.append(x)
+        return out
+
+
+def GOLDEN_IMAGE():
+    return torch.randint(0, 256, (3, 72, 90), generator=torch.Generator().manual_seed(21), dtype=torch.uint8)
+
+
+def golden_table():
+    """(boxes cxcywh, detector logits, phrases) per caption (scores: sigmoid of the logits)."""
+    return {
+        "bottle,.": ([[0.5, 0.5, 0.8, 0.8]], [2.0], ["bottle"]),
+        "defect on bottle.": ([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2], [0.55, 0.35, 0.3, 0.3]], [0.3, -0.5, 0.8],
+                              ["defect", "bottle", "defect"]),
+        "damage on bottle.": ([[0.62, 0.4, 0.25, 0.3]], [0.1], ["damage"]),
+        "broken part. contamination. white broken.": ([[0.7, 0.2, 0.1, 0.1], [0.2, 0.8, 0.2, 0.1]], [-0.4, -2.5],
+                                                      ["broken part", "contamination"]),
+    }
+
+
+def _golden_proposer():
+    table = {cap: Proposals(torch.tensor(b, dtype=torch.float32), torch.sigmoid(torch.tensor(x)), ph)
+             for cap, (b, x, ph) in golden_table().items()}
+    return StaticProposer(table)
+
+
+def _golden_model(convention):
+    feats = SaliencyFeatures("resnet18")
+    feats.backbone = TinyCNN()
+    return SAAPlus("bottle", _golden_proposer(), BoxMaskRefiner(), feature_extractor=feats, out_size=64,
+                   input_convention=convention)
+
+
+# caoyunkang/Segment-Any-Anomaly SAA/model.py, unmodified, on GOLDEN_IMAGE as cv2.imread gives it (BGR),
+# with TinyCNN as its ModelINet backbone, golden_table as GroundingDINO's output and box-filling masks as
+# SAM's (tests agree with it to 3e-7; the "rgb" convention is off by 0.04 in the map, 0.12 in the saliency)
+GOLDEN_MAP_SUM, GOLDEN_MAP_MAX = 829.151227, 1.491283
+GOLDEN_MAP_ROW32 = [0.0, 0.0, 0.0, 0.0, 0.976507, 0.976507, 0.0, 0.0]  # anomaly_map[32, ::8]
+GOLDEN_SAL_SUM, GOLDEN_SAL_MAX = 2823.816406, 0.496086
+GOLDEN_SAL_ROW36 = [0.429268, 0.421207, 0.426969, 0.384907, 0.411686, 0.423634, 0.463944, 0.431595, 0.433867,
+                    0.455127]  # similarity_map[36, ::9]
+
+
+def test_authors_input_convention_reproduces_the_authors_pipeline():
+    model = _golden_model("authors")
+    model.backend = "fastad"  # the reference's 4096 x 4096 sort is slow; both match the authors to 3e-7
+    out = model(GOLDEN_IMAGE()[None])
+    amap, sal = out.anomaly_maps[0].double(), out.saliency_maps[0].double()
+    assert float(amap.sum()) == pytest.approx(GOLDEN_MAP_SUM, abs=1e-3)
+    assert float(amap.max()) == pytest.approx(GOLDEN_MAP_MAX, abs=1e-5)
+    torch.testing.assert_close(amap[32, ::8], torch.tensor(GOLDEN_MAP_ROW32, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert float(sal.sum()) == pytest.approx(GOLDEN_SAL_SUM, abs=2e-3)
+    assert float(sal.max()) == pytest.approx(GOLDEN_SAL_MAX, abs=1e-5)
+    torch.testing.assert_close(sal[36, ::9], torch.tensor(GOLDEN_SAL_ROW36, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+# The same for VisA candle (multi-instance saliency at the authors' 1024 px; detector table below,
+# box-filling masks): agreement 3e-8 (map) / 8e-7 (saliency).
+GOLDEN_CANDLE_TABLE = {
+    "candle,": ([[0.25, 0.25, 0.4, 0.4], [0.75, 0.25, 0.4, 0.4], [0.25, 0.75, 0.4, 0.4], [0.75, 0.75, 0.4, 0.4],
+                 [0.5, 0.5, 1.0, 1.0]], [2.0, 1.5, 1.0, 0.5, 3.0], ["candle"] * 5),
+    "defect on candle": ([[0.3, 0.2, 0.1, 0.1], [0.7, 0.7, 0.15, 0.1]], [0.2, 0.1], ["defect", "defect"]),
+    "color defect. hole. black defect. wick hole. spot.": ([[0.2, 0.8, 0.1, 0.05]], [0.4], ["hole"]),
+}
+GOLDEN_CANDLE_MAP_SUM, GOLDEN_CANDLE_MAP_MAX = 6.091936, 0.324295
+GOLDEN_CANDLE_SAL_SUM, GOLDEN_CANDLE_SAL_MAX = 90.223640, 0.105253
+GOLDEN_CANDLE_SAL_ROW20 = [0.0, 0.011258, 0.015618, 0.050395, 0.012046, 0.0, 0.027056, 0.060467, 0.032817,
+                           0.021863]  # similarity_map[20, ::9]
+
+
+@pytest.mark.slow
+def test_authors_input_convention_multi_instance_golden():
+    table = {cap: Proposals(torch.tensor(b, dtype=torch.float32), torch.sigmoid(torch.tensor(x)), ph)
+             for cap, (b, x, ph) in GOLDEN_CANDLE_TABLE.items()}
+    feats = SaliencyFeatures("resnet18")
+    feats.backbone = TinyCNN()
+    model = SAAPlus("candle", StaticProposer(table), BoxMaskRefiner(), dataset="visa", feature_extractor=feats,
+                    out_size=64, backend="fastad")
+    out = model(GOLDEN_IMAGE()[None])
+    amap, sal = out.anomaly_maps[0].double(), out.saliency_maps[0].double()
+    assert float(amap.sum()) == pytest.approx(GOLDEN_CANDLE_MAP_SUM, abs=1e-4)
+    assert float(amap.max()) == pytest.approx(GOLDEN_CANDLE_MAP_MAX, abs=1e-5)
+    assert float(sal.sum()) == pytest.approx(GOLDEN_CANDLE_SAL_SUM, abs=1e-3)
+    assert float(sal.max()) == pytest.approx(GOLDEN_CANDLE_SAL_MAX, abs=1e-5)
+    torch.testing.assert_close(sal[20, ::9], torch.tensor(GOLDEN_CANDLE_SAL_ROW20, dtype=torch.float64), atol=1e-5,
+                               rtol=0)
+
+
+def test_rgb_input_convention_differs_from_the_authors():
+    model = _golden_model("rgb")
+    model.backend = "fastad"
+    out = model(GOLDEN_IMAGE()[None])
+    sal = out.saliency_maps[0].double()
+    assert abs(float(sal.sum()) - GOLDEN_SAL_SUM) > 1.0
+
+
+def test_authors_convention_gives_sam_bgr_and_the_wrn_a_cv2_resize():
+    seen = []
+
+    def refiner(image, boxes):
+        seen.append(image.clone())
+        return BoxMaskRefiner()(image, boxes)
+
+    class Recorder(torch.nn.Module):
+        def forward(self, images, size):
+            seen.append(images.clone())
+            return F.normalize(torch.rand(images.shape[0], 4, size // 4, size // 4) + 0.1, dim=1)
+
+    img = GOLDEN_IMAGE()
+    want = img.float() / 255
+    for convention, given in (("authors", img), ("authors", want), ("rgb", img)):
+        seen.clear()
+        SAAPlus("bottle", _golden_proposer(), refiner, feature_extractor=Recorder(), single_size=32, saliency_k=8,
+                out_size=16, input_convention=convention)(given[None])
+        to_sam, to_wrn = seen
+        torch.testing.assert_close(to_sam, want.flip(0) if convention == "authors" else want)
+        if convention == "authors":  # BGR, resized to 32 x 32 in uint8 (cv2's fixed point: within one level)
+            assert to_wrn.shape == (1, 3, 32, 32)
+            assert bool(((to_wrn * 255) == (to_wrn * 255).round()).all())
+            rgb_resize = F.interpolate(want[None], size=(32, 32), mode="bilinear", align_corners=False)
+            assert float((to_wrn.flip(1) - rgb_resize).abs().max()) <= 1.5 / 255
+        else:  # RGB at image size: SaliencyFeatures resizes in float
+            torch.testing.assert_close(to_wrn, want[None])
+
+
+def test_input_convention_is_checked_and_cv2_is_optional(monkeypatch):
+    with pytest.raises(ValueError, match="input_convention"):
+        SAAPlus("bottle", StaticProposer({}), BoxMaskRefiner(), feature_extractor=torch.nn.Identity(),
+                input_convention="bgr")
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(ImportError, match="opencv-python-headless"):
+        SAAPlus("bottle", StaticProposer({}), BoxMaskRefiner(), feature_extractor=torch.nn.Identity())
+    SAAPlus("bottle", StaticProposer({}), BoxMaskRefiner(), feature_extractor=torch.nn.Identity(),
+            input_convention="rgb")
+
+
+# --------------------------------------------------------------------------- documented deviations
+
+
+def test_no_object_box_on_a_single_object_category_uses_object_area_one(small_features):
+    # the authors' script raises here; fastad caps defect boxes at 0.3 of the whole image
+    table = {"defect on bottle": _p([[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.6, 0.6], [0.3, 0.3, 0.2, 0.2]],
+                                    [0.5, 0.6, 0.4], ["defect"] * 3)}
+    _, out = _run("bottle", table, "reference", small_features)
+    torch.testing.assert_close(out.details[0]["box_scores"], torch.tensor([0.5, 0.4]))  # area 0.36 > 0.3 dropped
+
+
+def test_top_k_ties_keep_the_lower_proposal_index():
+    masks = torch.zeros(5, 4, 4, dtype=torch.bool)
+    for i in range(5):
+        masks[i, i % 4, :] = True
+    scores = torch.tensor([0.2, 0.7, 0.5, 0.7, 0.5])
+    fused, kept = confidence_fusion(masks, scores, 3)
+    assert kept.tolist() == [1, 3, 2]  # 0.7 (1, 3), then the tie at the cut 0.5 (2, 4) goes to 2
+    assert confidence_fusion(masks, torch.full((5,), 0.3), 2)[1].tolist() == [0, 1]
+    # through the pipeline: two equal boxes from two prompts, k_mask = 1 keeps the first prompt's
+    table = {"defect on bottle": _p([[0.3, 0.3, 0.2, 0.2]], [0.5], ["defect"]),
+             "damage on bottle": _p([[0.7, 0.7, 0.2, 0.2]], [0.5], ["damage"])}
+    model = SAAPlus("bottle", StaticProposer(table), BoxMaskRefiner(), feature_extractor=Flat(), saliency_k=4,
+                    single_size=16, out_size=16, k_mask=1)
+    d = model(torch.rand(1, 3, 16, 16)).details[0]
+    assert d["rescored"][0] == d["rescored"][1] and d["kept"].tolist() == [0]
+
+
+class Flat(torch.nn.Module):
+    """Constant features: every position has the same saliency, so equal boxes get equal scores."""
+
+    def forward(self, images, size):
+        return F.normalize(torch.ones(images.shape[0], 4, size // 4, size // 4), dim=1)

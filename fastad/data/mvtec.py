@@ -36,6 +36,15 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in IMAGE_SUFFIXES)
 
 
+def resolve_layout(root: str | Path, layout: str = "auto") -> str:
+    """"mvtec" or "visa": ``layout``, or with "auto" "visa" when ``root/split_csv/1cls.csv`` exists."""
+    if layout == "auto":
+        layout = "visa" if (Path(root) / "split_csv" / "1cls.csv").is_file() else "mvtec"
+    if layout not in ("mvtec", "visa"):
+        raise ValueError(f"unknown layout {layout!r}; expected auto, mvtec or visa")
+    return layout
+
+
 def mvtec_categories(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():

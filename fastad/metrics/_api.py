@@ -113,14 +113,25 @@ def average_precision(scores: ArrayLike, labels: ArrayLike, *, num_thresholds: i
 
 
 def f1_max(scores: ArrayLike, labels: ArrayLike, *, num_thresholds: int | None = None,
-           backend: str | None = None) -> float:
+           backend: str | None = None, return_threshold: bool = False) -> float | tuple[float, float]:
     """Largest F1 over all thresholds, 2 TP / (2 TP + FP + FN) (from scikit-learn's
     ``precision_recall_curve`` without the epsilon the papers' code adds: they differ
-    by < 1e-8).
+    by < 1e-8). With ``return_threshold=True`` returns ``(f1, threshold)``: predicting
+    ``scores >= threshold`` as anomalous reaches the F1-max (the highest such threshold
+    on ties; with ``num_thresholds`` a value of the grid).
     """
     _, _, f1, P, N = _curve("f1_max", scores, labels, num_thresholds, backend)
     _need("f1_max", P, N, neg=False)
-    return float(f1)
+    if not return_threshold:
+        return float(f1)
+    s = scores_tensor("f1_max", "scores", scores).reshape(-1)
+    y = binary_tensor("f1_max", "labels", labels).reshape(-1).to(s.device)
+    if num_thresholds is None:
+        return float(f1), ref.f1_max_threshold(s, y)
+    lo, hi = torch.aminmax(s)
+    grid = torch.from_numpy(np.linspace(float(lo), float(hi), num_thresholds))
+    bins = ref.binned_bins(s, grid)
+    return float(f1), float(grid[int(round(ref.f1_max_threshold(bins.double(), y)))])
 
 
 def _add_doc(fn, **kw: str) -> None:
@@ -446,7 +457,8 @@ def evaluate(scores: ArrayLike | None, maps: ArrayLike | None, labels: ArrayLike
             steps.append(("region_f1", lambda: guarded(("region_f1",), lambda: (_region_f1(
                 op, m, state["regions"], float(region_iou), int(region_thresholds), cpp_cpu),))))
 
-    bar = tqdm(steps, desc="fastad.metrics.evaluate", disable=not progress, leave=False)
+    # mininterval=0: a few slow steps, each shown as it starts and ends
+    bar = tqdm(steps, desc="fastad.metrics.evaluate", disable=not progress, leave=False, mininterval=0)
     for name, fn in bar:
         bar.set_postfix_str(name)
         fn()

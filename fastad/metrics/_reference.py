@@ -49,6 +49,23 @@ def curve_stats(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, floa
     return auroc, ap, f1, P, N
 
 
+def f1_max_threshold(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """The threshold t of F1-max: predictions ``scores >= t`` reach the largest
+    2 TP / (TP + FP + P); among equal F1 values the largest t (fewest alarms). NaN
+    without positives."""
+    order = torch.argsort(scores, descending=True)
+    s = scores[order]
+    y = labels.reshape(-1)[order].to(torch.int64)
+    last = _group_ends(s)
+    tps = torch.cumsum(y, 0)[last].double()
+    fps = torch.arange(1, s.numel() + 1, device=s.device, dtype=torch.float64)[last] - tps
+    P = float(tps[-1])
+    if P == 0:
+        return float("nan")
+    f1 = 2.0 * tps / (tps + fps + P)
+    return float(s[last][int(torch.argmax(f1))])  # argmax: the first (highest) threshold of the maximum
+
+
 def binned_bins(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Index j of the grid cell thresholds[j] <= score < thresholds[j + 1]."""
     th = thresholds.to(device=scores.device, dtype=torch.float64)

@@ -13,7 +13,21 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-__all__ = ["CheckpointKeyError", "read_state_dict", "load_mapped_state_dict"]
+__all__ = ["CheckpointKeyError", "read_state_dict", "load_mapped_state_dict", "backbone_weights_arg"]
+
+
+def backbone_weights_arg(model: str, backbone_weights: str | None, old_name: str, old_value: str | None) -> str | None:
+    """The one name of a model's frozen-backbone weights file is ``backbone_weights``; the
+    old ``pretrained`` / ``checkpoint_path`` still work for one release, with a DeprecationWarning."""
+    if old_value is None:
+        return backbone_weights
+    import warnings
+
+    if backbone_weights is not None:
+        raise TypeError(f"fastad.models.{model}: give backbone_weights only ({old_name} is its deprecated name)")
+    warnings.warn(f"fastad.models.{model}: `{old_name}=` is deprecated and will be removed in the next release; "
+                  "use `backbone_weights=`", DeprecationWarning, stacklevel=3)
+    return old_value
 
 
 class CheckpointKeyError(ValueError):

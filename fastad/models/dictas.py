@@ -30,6 +30,23 @@ blur); ``"fastad"`` looks up with ``fastad.ops.dict_lookup`` (no N x M logits),
 averages the 8 maps at patch resolution and applies upsampling and blur as one
 separable linear operator (exact up to rounding: every step is linear).
 
+Dataset rules of the authors' test code (``fastad evaluate`` applies them, see
+``DictAS.apply_dataset_rules`` / ``DictAS.prepare_references``):
+
+* ``screw`` with at most 4 shots: every reference image is followed by 9 rotated copies
+  (-180 to 180 degrees in steps of 45; dataset.py ``Roate_support``: albumentations 1.3.1
+  ``Rotate``, i.e. ``cv2.warpAffine`` on the uint8 image about its centre - 0.5, bilinear,
+  reflect-101 border), so the dictionary holds 10 K images;
+* alpha = 0.2 on MVTec AD and VisA; elsewhere alpha = 0 (image score = map maximum only) for
+  ``bracket_brown``, ``metal1``, ``metal2`` and ``wood``, 0.5 for the other categories
+  (metric_and_visualization.py).
+
+Per-dataset layers / scales / sigma (models/utils.py ``BESTSEGMENTATION``; the released
+generators load whatever the layers, ``Fuse_Feature`` is built for 4 layers and is
+training-only): VisA: layers (6, 12, 18, 24), scales (1, 3), sigma 6; MVTec AD: (6, 12),
+(1, 3), 6; BTAD: (6, 12), (1,), 6; MPDD / MVTec 3D: (6, 12, 18, 24), (1,), 6; the
+classification-first variant uses sigma 2 (MVTec AD, MVTec 3D) or no blur.
+
 Note: the authors' CLIP re-implementation (models/transformer.py) uses exact
 ``nn.GELU`` even with OpenAI weights, which were trained with QuickGELU; their
 released generators were trained on those features, hence ``quick_gelu=False``.
@@ -39,19 +56,21 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastad.models._base import FewShotCLIPModel
+from fastad.models._opencv import import_cv2
 from fastad.models.checkpoint import load_mapped_state_dict, read_state_dict
 from fastad.models.clip_backbone import POS_EMBED_RESIZE, CLIPBackbone, ImageFeatures
 from fastad.models.postprocess import gaussian_blur, upsample_blur, upsample_maps
 
 __all__ = ["DictASConfig", "DictAS", "DictASReferences", "dictas_prompts", "sparsemax_sort", "dictionary_lookup",
-           "category_scores", "pixel_map"]
+           "category_scores", "pixel_map", "rotate_references"]
 
 # xiaozhen228/DictAS models/prompt_ensemble.py (the APRIL-GAN ensemble)
 _NORMAL_STATES = ["{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
@@ -101,8 +120,17 @@ class DictASConfig:
         query_value_generator: the query tokens pass g_V first at test time (test.py).
         upsample_mode, align_corners: map upsampling: bilinear, True.
         sigma, truncate: Gaussian blur of the averaged map (6, 4.0); None disables it.
-        alpha: weight of the text score in the image score (0.2 for MVTec AD / VisA, 0.5 else).
+        alpha: weight of the text score in the image score (0.2: MVTec AD / VisA).
         tau_text: temperature of the text score (100).
+        fuse_layers: layers concatenated by the training-only ``Fuse_Feature`` (the authors'
+            ``k = 4``, whatever ``layers`` is: their checkpoints hold a (C/2, 4C) fuse weight, and
+            evaluation with fewer layers never calls it); training needs len(layers) == fuse_layers.
+        rotate_categories, rotate_max_shots, rotate_angles: categories whose references get
+            rotated copies when at most ``rotate_max_shots`` shots are given (the authors:
+            ``screw``, 4, -180..180 step 45); see ``DictAS.prepare_references``.
+        zero_alpha_categories, other_alpha: outside MVTec AD / VisA the authors' metric code
+            scores these categories with alpha = 0 and the others with 0.5 (their --alpha);
+            ``alpha`` itself is the MVTec AD / VisA value. See ``DictAS.apply_dataset_rules``.
         lambda_cqc, lambda_tac: weights of the contrastive query and text alignment
             constraints in the training loss (0.1, 0.1).
         lr, betas: Adam(1e-4, (0.5, 0.999)) as in train.py.
@@ -127,6 +155,12 @@ class DictASConfig:
     truncate: float = 4.0
     alpha: float = 0.2
     tau_text: float = 100.0
+    fuse_layers: int = 4
+    rotate_categories: tuple[str, ...] = ("screw",)
+    rotate_max_shots: int = 4
+    rotate_angles: tuple[float, ...] = tuple(float(a) for a in range(-180, 181, 45))
+    zero_alpha_categories: tuple[str, ...] = ("bracket_brown", "metal1", "metal2", "wood")
+    other_alpha: float = 0.5
     lambda_cqc: float = 0.1
     lambda_tac: float = 0.1
     lr: float = 1e-4
@@ -146,6 +180,23 @@ class DictASConfig:
         object.__setattr__(self, "scales", scales)
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "rotate_categories", tuple(self.rotate_categories))
+        object.__setattr__(self, "rotate_angles", tuple(float(a) for a in self.rotate_angles))
+        object.__setattr__(self, "zero_alpha_categories", tuple(self.zero_alpha_categories))
+        if self.fuse_layers < 1:
+            raise ValueError(f"DictASConfig: fuse_layers must be >= 1, got {self.fuse_layers!r}")
+
+    def dataset_alpha(self, dataset: str, category: str) -> float:
+        """alpha for ``category`` of ``dataset`` (names as ``fastad evaluate --dataset``, any
+        case), the authors' rule: ``alpha`` on MVTec AD / VisA; elsewhere 0 for
+        ``zero_alpha_categories``, else ``other_alpha``."""
+        if dataset.lower() in ("mvtec", "visa"):
+            return self.alpha
+        return 0.0 if category in self.zero_alpha_categories else self.other_alpha
+
+    def rotates_references(self, category: str, shots: int) -> bool:
+        """Whether ``prepare_references`` adds rotated copies (the authors' ``screw`` rule)."""
+        return category in self.rotate_categories and shots <= self.rotate_max_shots
 
 
 # ---------------------------------------------------------------------------- generators
@@ -203,7 +254,7 @@ class ValueGenerator(nn.Module):
 class GlobalFeature(nn.Module):
     """The authors' ``Global_Feature`` (training only, text alignment constraint):
     concatenate the layers' tokens, Linear(C*L, C/2), attention pooling over the
-    patches, Linear(C/2, D)."""
+    patches, Linear(C/2, D). The authors build it with L = 4 (``k = 4``) in every setting."""
 
     def __init__(self, width: int, n_layers: int, embed_dim: int) -> None:
         super().__init__()
@@ -305,6 +356,29 @@ def pixel_map(cfg: DictASConfig, backend: str, patch_maps: torch.Tensor, size: t
     return amap
 
 
+def rotate_references(images: torch.Tensor, angles: Sequence[float]) -> torch.Tensor:
+    """The authors' ``Roate_support`` (dataset.py): each image [K, 3, H, W] (RGB, uint8 or
+    float in [0, 1]) followed by its rotations by ``angles`` degrees, as albumentations 1.3.1
+    ``Rotate(limit=(a, a))`` computes them: ``cv2.warpAffine`` of the uint8 image, rotation
+    about (W/2 - 0.5, H/2 - 0.5), bilinear, reflect-101 border. Returns [K * (1 + len(angles)),
+    3, H, W] in the input's dtype (float inputs are rounded to uint8 first, as the
+    authors' images are). Needs OpenCV (``pip install opencv-python-headless``)."""
+    cv2 = import_cv2("DictAS reference rotation")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"fastad.models.rotate_references: images must be [K, 3, H, W], got {tuple(images.shape)}")
+    is_uint8 = images.dtype == torch.uint8
+    pixels = images if is_uint8 else (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    H, W = pixels.shape[-2:]
+    out = []
+    for img in pixels.permute(0, 2, 3, 1).cpu().numpy():
+        out.append(img)
+        for a in angles:
+            m = cv2.getRotationMatrix2D((W / 2 - 0.5, H / 2 - 0.5), float(a), 1.0)
+            out.append(cv2.warpAffine(img, m, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101))
+    res = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(images.device)
+    return res if is_uint8 else res.to(images.dtype) / 255.0
+
+
 @dataclass
 class DictASReferences:
     """Cached per category: ``keys`` / ``values`` [M, C] per (layer index, scale)
@@ -322,13 +396,14 @@ class DictAS(FewShotCLIPModel):
 
     Args:
         config: a ``DictASConfig`` (default: the authors' settings).
-        pretrained: CLIP weights for the backbone (local path, open_clip tag, or None for random).
+        backbone_weights: CLIP weights for the backbone (local path, open_clip tag, or None for
+            random); ``pretrained`` is its deprecated name.
         backend: "reference" or "fastad" (settable later through ``model.backend``).
         **overrides: config fields to replace.
 
     Use::
 
-        model = DictAS(pretrained="ViT-L-14-336px.pt").eval()
+        model = DictAS(backbone_weights="ViT-L-14-336px.pt").eval()
         model.load_checkpoint("DictAS_weight/train_visa.pth")
         model.set_references(normal_images, category="bottle")
         with torch.no_grad():
@@ -338,8 +413,11 @@ class DictAS(FewShotCLIPModel):
     resize_mode = "squash"  # test.py: Resize((S, S), bicubic), then CenterCrop(S)
 
     def __init__(self, config: DictASConfig | None = None, pretrained: str | None = None,
-                 backend: str = "reference", **overrides: Any) -> None:
+                 backend: str = "reference", *, backbone_weights: str | None = None, **overrides: Any) -> None:
+        from fastad.models.checkpoint import backbone_weights_arg  # local: keeps the import block untouched
+
         super().__init__(backend)
+        pretrained = backbone_weights_arg("DictAS", backbone_weights, "pretrained", pretrained)
         config = config if config is not None else DictASConfig()
         if overrides:
             config = dataclasses.replace(config, **overrides)
@@ -351,7 +429,7 @@ class DictAS(FewShotCLIPModel):
         self.query_generator = AttnBlock(width, config.generator_heads, config.generator_dropout)
         self.key_generator = AttnBlock(width, config.generator_heads, config.generator_dropout)
         self.value_generator = ValueGenerator(width, config.generator_heads, config.generator_dropout)
-        self.global_feature = GlobalFeature(width, len(self.layers), self.backbone.embed_dim)
+        self.global_feature = GlobalFeature(width, config.fuse_layers, self.backbone.embed_dim)
         for name, module in self.named_modules():
             if name.startswith("backbone"):
                 continue
@@ -367,6 +445,22 @@ class DictAS(FewShotCLIPModel):
     def lookup_scale(self) -> float:
         s = self.config.lookup_scale
         return float(s) if s is not None else self.backbone.width ** -0.5
+
+    # ------------------------------------------------------------------ dataset rules
+    def apply_dataset_rules(self, dataset: str, category: str) -> None:
+        """Set ``config.alpha`` by the authors' rule for ``category`` of ``dataset``
+        (``DictASConfig.dataset_alpha``); ``fastad evaluate`` calls it."""
+        self.config = dataclasses.replace(self.config, alpha=self.config.dataset_alpha(dataset, category))
+
+    def prepare_references(self, images: torch.Tensor, category: str) -> torch.Tensor:
+        """The reference images [K, 3, H, W] (RGB in [0, 1] or uint8) the authors build the
+        dictionary of ``category`` from: with their rotated copies for ``rotate_categories``
+        at most ``rotate_max_shots`` shots (``rotate_references``), else unchanged.
+        ``fastad evaluate`` applies it to the images it reads (at the model's input size; the
+        authors rotate the full-resolution image before resizing)."""
+        if not self.config.rotates_references(category, images.shape[0]):
+            return images
+        return rotate_references(images, self.config.rotate_angles)
 
     # ------------------------------------------------------------------ references
     def set_references(self, images_or_features: torch.Tensor | ImageFeatures, category: str,
@@ -446,7 +540,8 @@ class DictAS(FewShotCLIPModel):
     # ------------------------------------------------------------------ training
     def compute_losses(self, images: torch.Tensor | ImageFeatures, ref_images: torch.Tensor | ImageFeatures,
                        masks: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor | None = None,
-                       class_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+                       class_names: Sequence[str] | None = None,
+                       count_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The authors' self-supervised losses (train.py, models/DictAS.py "train_self").
 
         Args:
@@ -456,6 +551,9 @@ class DictAS(FewShotCLIPModel):
             masks: [B, H, W] anomaly masks of the queries.
             labels: [B] 0 normal / 1 anomalous.
             text_features: [2, D] or [B, 2, D]; else built from ``class_names``.
+            count_reduce: maps this batch's count of CQC-active images to the count that
+                normalises it (data-parallel training: the global count / world size, so
+                that averaged gradients equal those of the whole batch); None: unchanged.
 
         Per layer and scale, with d = 1 - cos(pooled query, retrieval) on the patch grid
         and the mask resized (bilinear, align_corners=True) and thresholded at 0.5:
@@ -514,10 +612,17 @@ class DictAS(FewShotCLIPModel):
                 loss_n = (d * g_normal).sum(1) / (g_normal.sum(1) + 1e-6)
                 loss_a = (d * g_abnormal).sum(1) / (g_abnormal.sum(1) + 1e-6)
                 cqc = torch.where(loss_a == 0, torch.zeros_like(loss_n), loss_n - loss_a).clamp(min=0)
-                loss_cqc = loss_cqc + cqc.sum() / ((cqc != 0).sum() + 1e-6)
+                active = (cqc != 0).sum()
+                if count_reduce is not None:
+                    active = count_reduce(active)
+                loss_cqc = loss_cqc + cqc.sum() / (active + 1e-6)
                 loss_query = loss_query + loss_n.mean()
         if not queries:
             raise ValueError("DictASConfig: training needs scale 1 in scales (the text alignment constraint)")
+        if len(queries) != cfg.fuse_layers:
+            raise ValueError(f"DictASConfig: training concatenates the {len(queries)} layers {self.layers} into "
+                             f"Fuse_Feature, built for fuse_layers={cfg.fuse_layers}; train with "
+                             f"{cfg.fuse_layers} layers or set fuse_layers={len(queries)}")
         unit = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
         x_q = unit(self.global_feature([unit(t) for t in queries]))
         x_r = unit(self.global_feature([unit(t) for t in retrieved]))

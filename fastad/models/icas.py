@@ -69,7 +69,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -263,7 +263,8 @@ class ICAS(nn.Module):
 
     Args:
         encoder: timm DINOv2 ViT name (``vit_large_patch14_dinov2``; tests use small configs).
-        checkpoint_path: local encoder weights; None gives random weights. Nothing is downloaded.
+        backbone_weights: local encoder weights; None gives random weights. Nothing is downloaded.
+            ``checkpoint_path`` is its deprecated name.
         encoder_kwargs: extra ``timm.create_model`` arguments (e.g. ``depth=2`` for tests).
         image_size: encoder input side (518); images are resized to it.
         dim, num_queries, num_layers, num_heads, ffn_dim: decoder width (256), K (200), layers (6),
@@ -280,8 +281,12 @@ class ICAS(nn.Module):
                  num_layers: int = 6, num_heads: int = 8, ffn_dim: int = 2048, gqs_metric: str = "l2",
                  gqs_init: int = 0, use_mfm: bool = True, mask_threshold: float = 0.7,
                  class_weight: float = 2.0, mask_weight: float = 5.0, dice_weight: float = 5.0,
-                 no_object_weight: float = 0.1, backend: str = "reference", ops_backend: Optional[str] = None) -> None:
+                 no_object_weight: float = 0.1, backend: str = "reference", ops_backend: Optional[str] = None,
+                 backbone_weights: Optional[str] = None) -> None:
+        from fastad.models.checkpoint import backbone_weights_arg  # local: keeps the import block untouched
+
         super().__init__()
+        checkpoint_path = backbone_weights_arg("ICAS", backbone_weights, "checkpoint_path", checkpoint_path)
         _check_backend(backend)
         if gqs_metric not in ("l2", "cosine"):
             raise ValueError(f"fastad.models.ICAS: `gqs_metric` must be 'l2' or 'cosine', got {gqs_metric!r}")
@@ -518,7 +523,8 @@ class ICAS(nn.Module):
     # -- training ------------------------------------------------------------
 
     def loss(self, target_images: torch.Tensor, target_masks: torch.Tensor, reference_images: torch.Tensor,
-             reference_masks: torch.Tensor) -> Dict[str, torch.Tensor]:
+             reference_masks: torch.Tensor, encoded: bool = False,
+             count_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         """General-to-Specific training loss for a batch of (reference, target) pairs.
 
         target_images, reference_images: [B, 3, H, W]; reference_masks: [B, N, H, W] prompt masks
@@ -526,6 +532,10 @@ class ICAS(nn.Module):
         target's ground-truth segment of each prompt instance (empty: not present). Returns
         ``{"loss": total, "ce_semantic", "ce_nontarget", "mask", "dice"}`` (components of the
         last decoder output; ``loss`` sums every output, deep supervision).
+        ``encoded=True``: the images are already :meth:`encode` outputs [B, C_enc, h, w] (the
+        frozen encoder's features, e.g. from a cache). ``count_reduce`` maps this batch's
+        number of matched masks to the count that normalises the mask losses (data-parallel
+        training: global count / world size); None: unchanged.
         """
         B = target_images.shape[0]
         t_masks = self._masks_to(target_masks, B)
@@ -534,15 +544,15 @@ class ICAS(nn.Module):
             raise ValueError(f"fastad.models.ICAS: target_masks has {t_masks.shape[1]} instances, reference_masks "
                              f"{r_masks.shape[1]}: they must correspond one to one")
         times = {k: 0.0 for k in ("query_selection", "decoders")}
-        ref_feats = self.neck(self.encode(reference_images))
+        ref_feats = self.neck(reference_images if encoded else self.encode(reference_images))
         q_p, q_ntp = self._prompts(ref_feats, r_masks)
-        feats = self.neck(self.encode(target_images))
+        feats = self.neck(target_images if encoded else self.encode(target_images))
         outputs, _, _ = self._decode(feats, q_p, q_ntp, times)
         gt = F.interpolate(t_masks, size=self.mask_grid, mode="bilinear", align_corners=False)
         total = feats.new_zeros(())
         parts: Dict[str, torch.Tensor] = {}
         for semantic, nontarget, mask_logits in outputs:
-            parts = self._stage_loss(semantic, nontarget, mask_logits, gt)
+            parts = self._stage_loss(semantic, nontarget, mask_logits, gt, count_reduce)
             w = self.weights
             total = total + w["class"] * (parts["ce_semantic"] + parts["ce_nontarget"]) + \
                 w["mask"] * parts["mask"] + w["dice"] * parts["dice"]
@@ -576,7 +586,8 @@ class ICAS(nn.Module):
         return (torch.stack(cols_s, 1) if cols_s else empty), (torch.stack(cols_n, 1) if cols_n else empty)
 
     def _stage_loss(self, semantic: torch.Tensor, nontarget: torch.Tensor, mask_logits: torch.Tensor,
-                    gt: torch.Tensor) -> Dict[str, torch.Tensor]:
+                    gt: torch.Tensor, count_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                    ) -> Dict[str, torch.Tensor]:
         from scipy.optimize import linear_sum_assignment
 
         B, K = mask_logits.shape[:2]
@@ -614,7 +625,8 @@ class ICAS(nn.Module):
                 s = p.sigmoid()
                 dice.append((1 - (2 * (s * g).sum(-1) + 1) / (s.sum(-1) + g.sum(-1) + 1)).sum())
                 num_masks += len(rows)
-        denom = max(num_masks, 1)
+        denom = max(num_masks, 1) if count_reduce is None else \
+            count_reduce(torch.tensor(float(num_masks), device=mask_logits.device)).clamp(min=1)
         zero = mask_logits.sum() * 0.0
         return {"ce_semantic": torch.stack(ce_s).mean(), "ce_nontarget": torch.stack(ce_n).mean(),
                 "mask": (torch.stack(bce).sum() if bce else zero) / denom,

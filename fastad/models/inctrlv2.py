@@ -291,13 +291,14 @@ class InCTRLv2(FewShotCLIPModel):
 
     Args:
         config: an ``InCTRLConfig`` or a preset name ("v1", "v2").
-        pretrained: CLIP weights for the backbone (local path, open_clip tag, or None for random).
+        backbone_weights: CLIP weights for the backbone (local path, open_clip tag, or None for
+            random); ``pretrained`` is its deprecated name.
         backend: "reference" or "fastad" (settable later through ``model.backend``).
         **overrides: config fields that replace the preset's.
 
     Use::
 
-        model = InCTRLv2("v2", pretrained="ViT-L-14-336.pt").eval()
+        model = InCTRLv2("v2", backbone_weights="ViT-L-14-336.pt").eval()
         model.set_references(normal_images, category="candle")      # once per category
         with torch.no_grad():
             scores, maps = model(images)                              # [B], [B, H, W]
@@ -306,8 +307,11 @@ class InCTRLv2(FewShotCLIPModel):
     resize_mode = "shortest"  # engine_test.py: Resize(S, bicubic) on the shorter side, CenterCrop(S)
 
     def __init__(self, config: InCTRLConfig | str = "v2", pretrained: str | None = None, backend: str = "reference",
-                 **overrides: Any) -> None:
+                 *, backbone_weights: str | None = None, **overrides: Any) -> None:
+        from fastad.models.checkpoint import backbone_weights_arg  # local: keeps the import block untouched
+
         super().__init__(backend)
+        pretrained = backbone_weights_arg("InCTRLv2", backbone_weights, "pretrained", pretrained)
         if isinstance(config, str):
             config = InCTRLConfig.preset(config, **overrides)
         elif overrides:
@@ -421,8 +425,8 @@ class InCTRLv2(FewShotCLIPModel):
     # ------------------------------------------------------------------ training
     def compute_losses(self, images: torch.Tensor | ImageFeatures, ref_images: torch.Tensor | ImageFeatures,
                        labels: torch.Tensor, masks: torch.Tensor | None = None,
-                       text_features: torch.Tensor | None = None, class_names: Sequence[str] | None = None
-                       ) -> dict[str, torch.Tensor]:
+                       text_features: torch.Tensor | None = None, class_names: Sequence[str] | None = None,
+                       oasl: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The papers' losses on a batch with per-image references (as the authors
         train: K random normals of the same category per query).
 
@@ -433,6 +437,9 @@ class InCTRLv2(FewShotCLIPModel):
             labels: [B] 0 normal / 1 anomalous.
             masks: v2 only, [B, H, W] pixel ground truth (None: all zero, i.e. normal images).
             text_features: [2, D] or [B, 2, D]; else computed from ``class_names``.
+            oasl: v2 only, [B] bool: True for the images that train only OASL (the paper's
+                auxiliary train split, normal images), False for the DASL images (its test
+                split). None: DASL on every image and OASL on the normal ones.
 
         v1: focal(final score) + focal(s_i) (BinaryFocalLoss, see the config's
         image_focal_on_logits). v2: L_DASL = focal(s) + Focal([Phi S_n, Phi S_a], G) +
@@ -481,9 +488,17 @@ class InCTRLv2(FewShotCLIPModel):
                     + dice_loss(up(0.5 * (Mx + S)), g))
 
         Mx = parts["patch_residual"]
-        l_img = binary_focal_loss(parts["image_scores"], y, logits=on_logits)
-        l_dasl = l_img + pixel_terms(parts["S_a"], Mx, gt)
-        normal = y < 0.5
+        if oasl is None:
+            l_img = binary_focal_loss(parts["image_scores"], y, logits=on_logits)
+            l_dasl = l_img + pixel_terms(parts["S_a"], Mx, gt)
+            normal = y < 0.5
+        else:
+            normal = oasl.to(self.device).bool()
+            if bool((y[normal] > 0.5).any()):
+                raise ValueError("fastad.models.InCTRLv2: OASL images (oasl=True) must be normal")
+            d = ~normal
+            l_img = binary_focal_loss(parts["image_scores"][d], y[d], logits=on_logits)
+            l_dasl = l_img + pixel_terms(parts["S_a"][d], Mx[d], gt[d])
         if bool(normal.any()):
             l_oasl = pixel_terms(parts["S_a_hat"][normal], Mx[normal], torch.zeros_like(gt[normal]))
         else:

@@ -30,7 +30,7 @@ Pipeline per image (``SAAPlus.forward``):
 4. Rescoring: score = box confidence * exp(3 * mean saliency inside the mask) (an empty mask
    keeps its confidence, as exp(0)).
 5. Confidence prompt: the K (table ``k_mask``) highest rescored masks; ties at the cut go to the
-   lower proposal index (the authors' numpy argsort leaves them unspecified).
+   lower proposal index (see the deviations below).
 6. Fusion: A = sum_i m_i s_i / (1 + sum_i m_i), bilinearly resized to ``out_size`` (400 in the
    paper's evaluation). ``SAAPlus.normalize`` is the per-category global min-max normalisation
    applied over all test images of a category.
@@ -41,10 +41,27 @@ pixel loop, per-mask means); ``backend="fastad"`` runs the saliency through
 variant with instance labels and ``group_match="other"``) and the rescoring through
 ``fastad.ops.mask_pool``. Both give the same maps to float32 rounding.
 
+Input convention (``input_convention``): the authors read images with ``cv2.imread`` (BGR
+uint8) and pass that array on: GroundingDINO gets it converted to RGB, SAM gets the BGR array
+as if it were RGB, and the WideResNet gets ``cv2.resize`` (INTER_LINEAR, uint8 arithmetic) of
+the BGR array, normalised with the RGB ImageNet statistics. ``"authors"`` (the default, needed
+to reproduce the paper's numbers) does exactly that from the RGB input (float inputs are
+rounded to uint8 first); ``"rgb"`` feeds RGB everywhere and resizes in float
+(``F.interpolate(bilinear, align_corners=False, antialias=False)``, cv2.INTER_LINEAR's
+sampling without the uint8 rounding). The two give different maps: the channel order changes
+the WRN features outright. Proposers always get the RGB image; refiners get what SAM gets
+(BGR under ``"authors"``).
+
 Deviations from the authors' script, all documented choices:
-  * images are RGB float tensors in [0, 1]; resizes use ``F.interpolate(bilinear,
-    align_corners=False, antialias=False)``, i.e. cv2.INTER_LINEAR's sampling in float
-    arithmetic (the authors resize uint8 BGR arrays with cv2 and feed BGR to SAM and the WRN);
+  * no object box on a single-object category: the authors' script raises (their object masks
+    are then a Python list, and ``visual_saliency_calculation`` indexes it with a tuple);
+    fastad goes on with object area 1 (the area their ``ensemble_text_guided_mask_proposal``
+    returns when no box is kept: defect boxes up to ``defect_area_threshold`` of the image
+    pass) and the single-object saliency, which never uses the object mask;
+  * ties of the rescored confidences at the top-K cut keep the lower proposal index (the
+    earlier prompt, then the detector's order); the authors' ``np.argsort()[-K:]`` leaves the
+    order of equal values unspecified (numpy's sort is not stable: on numpy 2.4 it keeps the
+    higher index for a few masks and mixes them from 8 masks on);
   * object masks are refined only when the multi-instance saliency needs them (the authors
     refine them and discard them for single-object categories: same output);
   * a multi-instance category image with fewer than two non-empty object masks falls back to the
@@ -62,14 +79,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastad.models._opencv import import_cv2
 from fastad.models._timm_backbones import create_timm_model
 from fastad.models.saa_tables import CategoryConfig, category_config
 
 __all__ = ["SAAPlus", "SAAPlusOutput", "Proposals", "SaliencyFeatures", "StaticProposer", "BoxMaskRefiner",
            "SAMRefiner", "GroundingDINOProposer", "prepare_caption", "self_similarity_saliency",
-           "multi_instance_saliency", "multi_instance_saliency_reference", "rescore", "confidence_fusion"]
+           "multi_instance_saliency", "multi_instance_saliency_reference", "rescore", "confidence_fusion", "authors_resize"]
 
 BACKENDS = ("reference", "fastad")
+INPUT_CONVENTIONS = ("authors", "rgb")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -285,7 +304,8 @@ class SaliencyFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, size: int) -> torch.Tensor:
-        """images [B, 3, H, W] RGB in [0, 1], resized to size x size -> [B, C, size/4, size/4]."""
+        """images [B, 3, H, W] in [0, 1] (RGB, or BGR under SAA+'s "authors" input convention),
+        resized to size x size -> [B, C, size/4, size/4]."""
         x = _resize_bilinear(images.float(), (size, size))
         x = (x - self.mean) / self.std
         feats = self.backbone(x)
@@ -327,6 +347,17 @@ class BoxMaskRefiner:
 
 def _image_to_uint8_hwc(image: torch.Tensor):
     return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def authors_resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The authors' WRN input: the image [3, H, W] (RGB in [0, 1]) as the uint8 BGR array
+    ``cv2.imread`` gives, ``cv2.resize`` to size x size (INTER_LINEAR), as [1, 3, size, size]
+    float in [0, 1], still BGR (the feature extractor normalises it with the RGB statistics,
+    as the authors' ``ModelINet`` does)."""
+    cv2 = import_cv2("SAAPlus(input_convention='authors')")
+    bgr = _image_to_uint8_hwc(image)[:, :, ::-1]
+    resized = cv2.resize(bgr, (size, size))
+    return torch.from_numpy(resized).permute(2, 0, 1)[None].float().div(255.0).to(image.device)
 
 
 class SAMRefiner:
@@ -460,13 +491,16 @@ class SAAPlus(nn.Module):
         proposer: box proposer ``(image, caption) -> Proposals`` (``GroundingDINOProposer``, ``StaticProposer``).
         refiner: box -> mask model ``(image, boxes_xyxy) -> masks`` (``SAMRefiner``, ``BoxMaskRefiner``).
         dataset: table to look ``category`` up in ("mvtec", "visa", "ksdd2", "mtd").
-        backbone, checkpoint_path: the saliency CNN (timm name; local weights or None for random).
+        backbone, backbone_weights: the saliency CNN (timm name; local weights or None for random;
+            ``checkpoint_path`` is the deprecated name of ``backbone_weights``).
         feature_extractor: a ready module ``(images, size) -> [B, C, h, w]`` instead of ``backbone``.
         box_threshold: minimum box confidence (strictly greater), 0.1 in the authors' runs.
         saliency_k: neighbours averaged per position (N = 400).
         single_size, multi_size: image side fed to the CNN for single-object / multi-instance saliency.
         out_size: side of the output anomaly map (400 in the paper's evaluation).
         gamma: rescoring exponent factor (3).
+        input_convention: "authors" (BGR uint8 into SAM and the WRN, cv2 resizes; the default) or
+            "rgb" (RGB floats); see the module docstring. "authors" needs OpenCV.
         backend: "reference" (the authors' computation in plain torch) or "fastad" (fastad ops).
         ops_backend: backend passed to the fastad ops (None: the fastest available).
         **overrides: fields of the category configuration to replace (e.g. ``k_mask=3``).
@@ -477,9 +511,17 @@ class SAAPlus(nn.Module):
                  feature_extractor: Optional[nn.Module] = None, box_threshold: float = 0.1,
                  saliency_k: int = 400, single_size: int = 256, multi_size: int = 1024, out_size: int = 400,
                  gamma: float = 3.0, backend: str = "reference", ops_backend: Optional[str] = None,
-                 **overrides) -> None:
+                 input_convention: str = "authors", backbone_weights: Optional[str] = None, **overrides) -> None:
+        from fastad.models.checkpoint import backbone_weights_arg  # local: keeps the import block untouched
+
         super().__init__()
+        checkpoint_path = backbone_weights_arg("SAAPlus", backbone_weights, "checkpoint_path", checkpoint_path)
         _check_backend(backend)
+        if input_convention not in INPUT_CONVENTIONS:
+            raise ValueError(f"fastad.models.SAAPlus: input_convention must be one of {INPUT_CONVENTIONS}, "
+                             f"got {input_convention!r}")
+        if input_convention == "authors":
+            import_cv2("SAAPlus(input_convention='authors')")
         if isinstance(category, CategoryConfig):
             self.config = category.with_overrides(**overrides) if overrides else category
         else:
@@ -495,6 +537,7 @@ class SAAPlus(nn.Module):
         self.gamma = float(gamma)
         self.backend = backend
         self.ops_backend = ops_backend
+        self.input_convention = input_convention
         self.last_stage_times: Dict[str, float] = {}
 
     # -- pieces --------------------------------------------------------------
@@ -528,8 +571,15 @@ class SAAPlus(nn.Module):
 
     def _refine(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         H, W = image.shape[-2:]
-        masks = self.refiner(image, self._to_xyxy(boxes, H, W).to(image.device))
+        seen = image.flip(0) if self.input_convention == "authors" else image  # the authors' SAM sees BGR
+        masks = self.refiner(seen, self._to_xyxy(boxes, H, W).to(image.device))
         return masks.to(torch.bool).reshape(boxes.shape[0], H, W)
+
+    def _features(self, image: torch.Tensor, size: int) -> torch.Tensor:
+        """Saliency features [C, size/4, size/4] of one image in the input convention."""
+        if self.input_convention == "authors":
+            return self.features(authors_resize(image, size), size)[0]
+        return self.features(image[None], size)[0]
 
     def _saliency(self, image: torch.Tensor, object_boxes: torch.Tensor, times: Dict[str, float]) -> torch.Tensor:
         """Saliency at feature resolution [h, w]."""
@@ -543,7 +593,7 @@ class SAAPlus(nn.Module):
                 instance_masks = obj
         t = time.perf_counter()
         size = self.single_size if instance_masks is None else self.multi_size
-        feats = self.features(image[None], size)[0]
+        feats = self._features(image, size)
         times["features"] += time.perf_counter() - t
         t = time.perf_counter()
         if instance_masks is not None:
@@ -554,7 +604,7 @@ class SAAPlus(nn.Module):
                 times["saliency"] += time.perf_counter() - t
                 return sal
             t0 = time.perf_counter()
-            feats = self.features(image[None], self.single_size)[0]
+            feats = self._features(image, self.single_size)
             times["features"] += time.perf_counter() - t0
         sal = self_similarity_saliency(feats, self.saliency_k, self.backend, self.ops_backend)
         times["saliency"] += time.perf_counter() - t
