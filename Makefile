@@ -16,7 +16,7 @@ BENCH_ARGS ?= --quick
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install build test demo bench clean gpu-check gpu-check-quick
+.PHONY: install build test demo bench mutation clean gpu-check gpu-check-quick
 
 install: $(INSTALLED)
 
@@ -33,8 +33,15 @@ $(BUILT): $(C_SOURCES) | $(INSTALLED)
 
 build: $(BUILT)
 
+# An older .venv may predate a test dependency: install the test extra when one is missing.
 test: $(BUILT)
+	@$(PY) -c "import pytest, hypothesis, sklearn, skimage" 2>/dev/null || $(PIP) install $(TORCH_PIN) -e ".[test]"
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# Mutation check (not part of `make test`): small bugs applied to a scratch copy in
+# build/mutation must make the named tests fail; see CONTRIBUTING.md.
+mutation: $(BUILT)
+	$(PY) tests/mutation/run.py $(MUTATION_ARGS)
 
 demo: $(BUILT)
 	$(VENV)/bin/fastad demo

@@ -2,6 +2,7 @@
 argument, and what was received (shape, dtype, device)."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import torch
@@ -59,3 +60,25 @@ def check_finite(op: str, name: str, t: torch.Tensor) -> None:
 def check_choice(op: str, name: str, value: object, choices: Sequence[object]) -> None:
     if value not in choices:
         raise ValueError(f"fastad.ops.{op}: `{name}` must be one of {tuple(choices)}, got {value!r}")
+
+
+# Row magnitudes the float32 kernels are exact for: squared norm at most 2^100 and,
+# for a non-zero row, largest |entry| at least 2^-50, so that products, squares and
+# their C-term sums stay in the normal float32 range. The C++ nn_distance kernel
+# applies the same bounds inside its norm pass (csrc/cpu/nn_distance_kernel.cpp,
+# row_norms: status "out_of_range"); other float32 paths call this first.
+KERNEL_NORM_MAX = 2.0 ** 50
+KERNEL_ABSMAX_MIN = 2.0 ** -50
+
+
+def rows_in_kernel_range(*tensors: torch.Tensor) -> bool:
+    """True when every row (last dimension) of every tensor is inside the range above;
+    callers run an exact fallback otherwise. float16 rows always are."""
+    for t in tensors:
+        if not t.numel() or t.dtype in (torch.float16, torch.float64):
+            continue
+        norm = torch.linalg.vector_norm(t, dim=-1)  # inf when the float32 sum overflows: out of range
+        amax = torch.linalg.vector_norm(t, ord=math.inf, dim=-1)
+        if bool(((norm > KERNEL_NORM_MAX) | ((amax > 0) & (amax < KERNEL_ABSMAX_MIN))).any()):
+            return False
+    return True

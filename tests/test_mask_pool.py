@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import fastad
 from fastad import _ext
 from fastad.ops import MaskPoolOutput, mask_pool, mask_pool_reference
 
 from conftest import requires_cpu_ext, requires_triton
+from hypothesis_compat import given, settings, st
 
 mp = importlib.import_module("fastad.ops.mask_pool")
 

@@ -113,7 +113,10 @@ def test_float32_inputs_use_a_scaled_float16_screen():
     # ip / l2 values must stay inside the float32 range
     q, b = q.clamp(-1e9, 1e9), b.clamp(-1e9, 1e9)
     check(q, b, k=3, metric="ip")
-    check(q, b, k=3, metric="l2")
+    # l2 on the kernel itself only for rows inside its float32 range (rows below 2^-50
+    # give 0 distances there; nn_distance routes them to the reference: test_robustness.py)
+    inside = lambda t: t[t.abs().amax(1) >= 2.0 ** -50]  # noqa: E731
+    check(inside(q), inside(b), k=3, metric="l2")
 
 
 def test_exact_ties_go_to_the_lowest_index():

@@ -61,6 +61,23 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // the margins also absorb the float32 rounding of the tests themselves.
 constexpr float kKappa = 2e-6f;   // "d(x, s) >= mind(x)" tests
 constexpr float kKappa2 = 1e-5f;  // triangle-inequality tests
+// Range guards (inputs anywhere in the float32 range, e.g. rows of norm 1e20 or
+// 1e-25). The margins above are relative, which holds for normal float32 values
+// only: a canonical D below 2^-126 is rounded to a subnormal (absolute error 2^-150),
+// and the float32 approximate sums overflow or underflow for large / tiny rows. So
+//  * a proof about a point (or a cluster radius) is attempted only when its mind is
+//    0 or at least kMinProof, a lower bound on d(c, s) is used only when it is at
+//    least kMinProof (else 0: no information);
+//  * an approximate sum (in the copy's units) proves nothing when its threshold
+//    target is below kMinTarget (its square would leave the normal range) or is not
+//    finite, and a sum that overflowed is taken as FLT_MAX.
+// Everything else falls through to the canonical (double) distance, exact for every
+// finite float32 input.
+constexpr float kMinProof = 0x1p-100f;
+constexpr float kMinTarget = 0x1p-60f;
+constexpr float kMaxSum = std::numeric_limits<float>::max();
+
+inline bool provable(float m) { return m == 0.f || m >= kMinProof; }
 
 // ---------------------------------------------------------------- conversions
 inline float bf16_to_f32(uint16_t v) {
@@ -424,7 +441,11 @@ class Problem final : public ProblemBase {
   float qerr(int64_t i) const { return qerr_.empty() ? 0.f : qerr_[i]; }
   // target^2 (1 + kKappa) / (1 - gamma): a float32 (partial) sum of squares >= this
   // proves ||y(x) - y(s)|| scale >= target.
-  float threshold(float target) const { return target * target * (1.f + kKappa) / (1.f - gamma_); }
+  // Targets below kMinTarget give +inf (nothing can be proved).
+  float threshold(float target) const {
+    if (!(target >= kMinTarget)) return kInf;
+    return target * target * (1.f + kKappa) / (1.f - gamma_);
+  }
 
   void prepare(int nthreads) {
     const int64_t N = st_.N;
@@ -606,7 +627,7 @@ class Problem final : public ProblemBase {
     const int32_t as = assign_[s];
     const float Es = sqerr_, scale = scale_, g = gamma_, sig = st_.sig;
     // For an argmax pick, d(c, s) >= D(s, c) (1 - 1.2e-7) >= R (1 - kKappa) for every center c.
-    const float lower = by_argmax ? R * (1.f - kKappa) : 0.f;
+    const float lower = by_argmax && R >= kMinProof ? R * (1.f - kKappa) : 0.f;
     need_.clear();
     for (int64_t j = 0; j < nc; ++j) {
       const Cl& c = clusters_[j];
@@ -628,13 +649,15 @@ class Problem final : public ProblemBase {
       const Cl& c = clusters_[j];
       const float Ec = qerr(c.center);
       // A sum >= thr proves d(c, s) >= 2 r (1 + kKappa2).
-      const float thr = threshold(2.f * c.r * (1.f + kKappa2) * sig * scale + Ec + Es);
+      const float thr = provable(c.r) ? threshold(2.f * c.r * (1.f + kKappa2) * sig * scale + Ec + Es) : kInf;
       // s's own cluster is always scanned: s leaves it.
       const bool can_stop = j != as && std::isfinite(thr);
-      const float S = approx_to_s<Q>(c.center, can_stop ? thr : kInf);
+      const float S = std::min(approx_to_s<Q>(c.center, can_stop ? thr : kInf), kMaxSum);
       if (can_stop && S >= thr) continue;
-      const float lo = (std::sqrt(S * (1.f - g)) - Ec - Es) / (scale * sig) * (1.f - kKappa);
-      dlo_[j] = std::max(lower, std::max(lo, 0.f));
+      // below kMinTarget^2 the sum's subnormal roundings are not covered by gamma
+      float lo = 0.f;
+      if (S >= kMinTarget * kMinTarget) lo = (std::sqrt(S * (1.f - g)) - Ec - Es) / (scale * sig) * (1.f - kKappa);
+      dlo_[j] = std::max(lower, lo >= kMinProof ? lo : 0.f);
       scan_[j] = 1;
     }
   }
@@ -661,7 +684,7 @@ class Problem final : public ProblemBase {
       bool settled = dlo >= 2.f * m * (1.f + kKappa2);
       float part = 0.f;
       if constexpr (PW > 0) {
-        if (!settled && m != kInf) {
+        if (!settled && m != kInf && provable(m)) {
           // A sum >= thr proves d(x, s) >= mind(x) (1 + kKappa).
           const float thr = threshold(m * (1.f + kKappa) * sig * scale + e.qerr + Es);
           part = prefix_sq<Q>(e.p, sp_);
@@ -708,7 +731,7 @@ class Problem final : public ProblemBase {
       if (u + kAhead < n) prefetch_row(qrow(list[u + kAhead]), qbytes);
       const int32_t x = list[u];
       const float m = tmind_[x];
-      if (m != kInf) {
+      if (m != kInf && provable(m)) {
         const float thr = threshold(m * (1.f + kKappa) * sig * scale + qerr(x) + Es);
         if (std::isfinite(thr) && approx_sq<Q>(qrow(x), sq, C, tpart_[x], thr) >= thr) {
           flag[x] = kKept;

@@ -31,7 +31,14 @@ def as_tensor(op: str, name: str, x: Any) -> torch.Tensor:
         return x.detach()
     if x is None:
         raise TypeError(f"fastad.metrics.{op}: `{name}` is required, got None")
-    arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as exc:  # ragged nested sequences, unconvertible objects
+            raise ValueError(f"fastad.metrics.{op}: `{name}` must be a tensor, an array or a rectangular "
+                             f"(non-ragged) sequence of numbers, got {describe(x)}: {exc}") from None
     if arr.dtype == object:
         raise TypeError(f"fastad.metrics.{op}: `{name}` must be numeric (maps of one size), got {describe(arr)}")
     if arr.dtype.byteorder not in ("=", "|"):

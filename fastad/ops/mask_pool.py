@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fastad import _ext
 from fastad._backend import resolve_backend, triton_interpret
-from fastad._checks import FLOAT_DTYPES, check_choice, check_tensor, describe
+from fastad._checks import FLOAT_DTYPES, check_choice, check_finite, check_tensor, describe
 
 __all__ = ["mask_pool", "mask_pool_reference", "MaskPoolOutput"]
 
@@ -152,6 +152,14 @@ def _normalise(features, masks, size, resize, align_corners, threshold, compleme
     if sh < 1 or sw < 1:
         raise ValueError(f"fastad.ops.{OP}: `size` must be positive, got {size!r}")
     return sh, sw, comp
+
+
+def _check_values(features: torch.Tensor, masks: torch.Tensor) -> None:
+    """A NaN / inf would spread over every pooled mean it touches (in a mask, to the
+    count too): refuse it, as the other ops do. Runs inside the op (data-dependent)."""
+    check_finite(OP, "features", features)
+    if masks.dtype.is_floating_point:
+        check_finite(OP, "masks", masks)
 
 
 # --------------------------------------------------------------------------- resize tables
@@ -566,6 +574,7 @@ def _call(size_h: int, size_w: int, resize: str, align_corners: bool, threshold:
 def _mask_pool_op(features: torch.Tensor, masks: torch.Tensor, size_h: int, size_w: int, resize: str,
                   align_corners: bool, threshold: Optional[float], complement: int, eps: float,
                   backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_values(features, masks)
     return _forward(features, masks, _call(size_h, size_w, resize, align_corners, threshold, complement, eps, backend))
 
 
@@ -664,13 +673,14 @@ def mask_pool(features: torch.Tensor, masks: torch.Tensor, size: Union[int, Sequ
     [B, R, Hp, Wp] or [B, C, Hp, Wp] tensor is built. The reference holds the
     resized features and masks (about B*(C + 3R)*Hp*Wp floats). Soft-mask
     gradients hold [B, R, nout, Hp, Wp]. With ``eps=0`` an empty mask gives NaN,
-    as in the reference.
+    as in the reference. NaN or infinite ``features`` or float ``masks`` raise ValueError.
     """
     sh, sw, comp = _normalise(features, masks, size, resize, align_corners, threshold, complement, eps)
     if not isinstance(return_counts, bool):
         raise TypeError(f"fastad.ops.{OP}: `return_counts` must be a bool, got {describe(return_counts)}")
     name = resolve_backend(OP, backend, features.device, ("reference", "cpu", "triton"))
     if name == "reference":
+        _check_values(features, masks)
         result = mask_pool_reference(features, masks, (sh, sw), resize, align_corners, threshold, complement, eps)
     else:
         thr = None if threshold is None else float(threshold)

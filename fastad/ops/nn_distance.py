@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from fastad._backend import resolve_backend
-from fastad._checks import FLOAT_DTYPES, check_choice, check_finite, check_same, check_tensor, describe
+from fastad._checks import (FLOAT_DTYPES, check_choice, check_finite, check_same, check_tensor, describe,
+                            rows_in_kernel_range)
 
 __all__ = ["NNResult", "nn_distance", "nn_distance_reference"]
 
@@ -135,6 +136,8 @@ def _triton_impl(q: torch.Tensor, b: torch.Tensor, k: int, metric: str, scale: f
                  need_indices: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     from fastad.kernels.nn_distance import nn_distance_triton  # lazy: fastad works without triton
 
+    if not rows_in_kernel_range(q, b):  # float32 squares / sums would overflow or underflow
+        return _reference_impl(q, b, k, metric, scale, reduce, qg, bg, group_match, need_indices)
     return nn_distance_triton(q, b, k, metric, scale, reduce, qg, bg, group_match, need_indices)
 
 

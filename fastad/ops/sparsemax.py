@@ -179,6 +179,8 @@ def sparsemax(x: Tensor, dim: int = -1, *, backend: Optional[str] = None) -> Ten
     check_tensor("sparsemax", "x", x, dtypes=_DTYPES)
     if x.dim() == 0:
         raise ValueError(f"fastad.ops.sparsemax: `x` must have at least 1 dimension, got {describe(x)}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"fastad.ops.sparsemax: `dim` must be an int, got {describe(dim)}")
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"fastad.ops.sparsemax: `dim` {dim} is out of range for {describe(x)}")
     return _sparsemax_op(x, dim % x.dim(), backend)
