@@ -11,6 +11,11 @@ from fastad.bank import BankFormatError, ReferenceBank
 from fastad.ops import nn_distance
 
 
+def current(bank_path):
+    """The version folder a saved bank's pointer names."""
+    return bank_path / (bank_path / "CURRENT").read_text().strip()
+
+
 def clustered(n, dim, clusters, seed, spread=0.15):
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(clusters, dim, generator=g)
@@ -113,9 +118,10 @@ def test_save_load_round_trip_is_identical(tmp_path, kind, params):
         after = loaded.search(q, k=2, category=c)
         assert torch.equal(after.values, before[c].values) and torch.equal(after.indices, before[c].indices)
         assert loaded.locate(after.indices, c) [0] == bank.locate(before[c].indices, c)[0]
-    # saving over an existing bank replaces it
+    # saving over an existing bank replaces it; the old version is deleted
     bank.save(tmp_path / "bank")
     assert sorted(os.listdir(tmp_path)) == ["bank"]
+    assert sorted(os.listdir(tmp_path / "bank")) == [".lock", "CURRENT", current(tmp_path / "bank").name]
 
 
 @pytest.fixture
@@ -128,7 +134,7 @@ def saved(tmp_path):
 
 
 def test_load_rejects_truncated_and_corrupt_files(saved):
-    index_file = saved / "0.faiss"
+    index_file = current(saved) / "0.faiss"
     data = index_file.read_bytes()
     index_file.write_bytes(data[:-10])
     with pytest.raises(BankFormatError, match="truncated"):
@@ -144,14 +150,15 @@ def test_load_rejects_truncated_and_corrupt_files(saved):
 def test_load_rejects_wrong_dim_version_and_bad_meta(saved, tmp_path):
     with pytest.raises(BankFormatError, match="dim=8 features, expected dim=16"):
         ReferenceBank.load(saved, dim=16)
-    meta = json.loads((saved / "meta.json").read_text())
-    (saved / "meta.json").write_text(json.dumps({**meta, "format": 99}))
+    meta_file = current(saved) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "format": 99}))
     with pytest.raises(BankFormatError, match="format 99"):
         ReferenceBank.load(saved)
-    (saved / "meta.json").write_text("{not json")
+    meta_file.write_text("{not json")
     with pytest.raises(BankFormatError, match="corrupt"):
         ReferenceBank.load(saved)
-    (saved / "meta.json").write_text(json.dumps({"format": 1, "dim": 8}))
+    meta_file.write_text(json.dumps({"format": 2, "dim": 8}))
     with pytest.raises(BankFormatError, match="malformed"):
         ReferenceBank.load(saved)
     with pytest.raises(BankFormatError, match="not a saved bank"):
@@ -159,7 +166,8 @@ def test_load_rejects_wrong_dim_version_and_bad_meta(saved, tmp_path):
 
 
 def test_crash_during_save_leaves_previous_bank_intact(saved, monkeypatch):
-    before = (saved / "meta.json").read_text()
+    before = (current(saved) / "meta.json").read_text()
+    entries = sorted(os.listdir(saved))
     bank = ReferenceBank(8, metric="l2")
     bank.add(torch.randn(5, 8), category="new")
     bank.build(progress=False)
@@ -171,8 +179,9 @@ def test_crash_during_save_leaves_previous_bank_intact(saved, monkeypatch):
     monkeypatch.setattr(faiss, "write_index", boom)
     with pytest.raises(OSError, match="disk full"):
         bank.save(saved)
-    assert (saved / "meta.json").read_text() == before
-    assert sorted(os.listdir(saved.parent)) == ["bank"]  # no temporary directory left behind
+    assert (current(saved) / "meta.json").read_text() == before
+    assert sorted(os.listdir(saved.parent)) == ["bank"]
+    assert sorted(os.listdir(saved)) == entries  # no half-written version left behind
     assert ReferenceBank.load(saved).categories == ["a"]
 
 
