@@ -72,7 +72,7 @@ _INT_RANGES = {
 }
 # defaults that keep recall@1 >= 0.95 on clustered data (benchmarks/bench_bank.py)
 DEFAULT_NPROBE = 32
-DEFAULT_REFINE = 16
+DEFAULT_REFINE = 256
 DEFAULT_HNSW = dict(hnsw_m=32, ef_search=128, ef_construction=80)
 _TUNED = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "ef_search"}  # what recall_target tunes
 _RECALL_SAMPLE = 1000  # most held-out rows used to measure recall at build time
@@ -155,8 +155,8 @@ class ReferenceBank:
             "ivf" (faiss IndexIVFFlat), "ivfpq" (faiss IndexIVFPQ, re-ranked exactly over
             the kept rows) or "hnsw" (faiss IndexHNSWFlat).
         **index_params: ivf: ``nlist`` (default ~4 sqrt(n)), ``nprobe`` (default 32);
-            ivfpq: also ``m`` sub-quantisers (must divide dim; default dim // 8 capped at 64),
-            ``nbits`` (default 8) and ``refine`` (default 16: keep the exact rows and
+            ivfpq: also ``m`` sub-quantisers (must divide dim; default dim // 4 capped at 64),
+            ``nbits`` (default 8) and ``refine`` (default 256: keep the exact rows and
             re-rank ``refine * k`` PQ candidates exactly with faiss IndexRefineFlat; 0 keeps
             only the PQ codes, with PQ-approximate values and a much lower recall);
             hnsw: ``hnsw_m`` (32), ``ef_search`` (128), ``ef_construction`` (80).
@@ -404,7 +404,7 @@ class ReferenceBank:
         return index
 
     def _default_pq_m(self) -> int:
-        for m in range(min(64, max(1, self.dim // 8)), 0, -1):
+        for m in range(min(64, max(1, self.dim // 4)), 0, -1):
             if self.dim % m == 0:
                 return m
         return 1

@@ -232,3 +232,74 @@ def test_usage_errors():
 
 def test_lazy_attribute_on_package():
     assert fastad.ReferenceBank is ReferenceBank
+
+
+def normal_and_held_out(n, n_query, dim=32, clusters=32, seed=11):
+    """bench_bank's kind of data, small: unit rows around random centres; the queries are
+    more samples of the same clusters, not in the bank."""
+    x = torch.nn.functional.normalize(clustered(n + n_query, dim, clusters, seed, spread=0.5 / 5.66), dim=-1)
+    return x[:n].contiguous(), x[n:].contiguous()
+
+
+def recall_via_locate(bank, base, queries, metric):
+    """recall@1, mapping the bank's rows back to `base` (added as one image) with locate."""
+    _, patches = bank.locate(bank.search(queries, k=1).indices[:, 0])
+    return float((patches == nn_distance(queries, base, k=1, metric=metric).indices[:, 0]).float().mean())
+
+
+@pytest.mark.parametrize("kind,metric", [("ivf", "cosine"), ("ivf", "l2"), ("ivfpq", "cosine"), ("hnsw", "cosine"),
+                                         ("hnsw", "l2")])
+def test_defaults_reach_the_stated_recall(kind, metric):
+    base, queries = normal_and_held_out(4000, 300)
+    bank = ReferenceBank(32, metric=metric, index=kind)
+    bank.add(base)
+    bank.build(progress=False)
+    assert recall_via_locate(bank, base, queries, metric) >= 0.95
+
+
+def test_ivfpq_re_ranks_its_candidates_exactly():
+    base, queries = normal_and_held_out(3000, 100)
+    kept = ReferenceBank(32, metric="l2", index="ivfpq", nlist=16, m=8, nbits=4, refine=32)
+    codes_only = ReferenceBank(32, metric="l2", index="ivfpq", nlist=16, m=8, nbits=4, refine=0)
+    for bank in (kept, codes_only):
+        bank.add(base)
+        bank.build(progress=False)
+    want = nn_distance(queries, base, k=3, metric="l2")
+    got = kept.search(queries, k=3)
+    torch.testing.assert_close(got.values, base[got.indices].sub(queries[:, None]).norm(dim=-1), atol=1e-5, rtol=0)
+    assert float((got.indices == want.indices).float().mean()) >= 0.95
+    approx = codes_only.search(queries, k=3)  # PQ distances: not the exact ones
+    assert not torch.allclose(approx.values, base[approx.indices].sub(queries[:, None]).norm(dim=-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,params,param", [("ivf", dict(nlist=64), "nprobe"),
+                                               ("ivfpq", dict(nlist=64, m=8, nbits=4), "nprobe"),
+                                               ("hnsw", dict(hnsw_m=4), "ef_search")])
+def test_recall_target_tunes_measures_and_is_saved(tmp_path, kind, params, param):
+    base, queries = normal_and_held_out(4000, 300)
+    bank = ReferenceBank(32, metric="cosine", index=kind, recall_target=0.97, **params)
+    bank.add(base)
+    bank.build(progress=False)
+    r = bank.recall["default"]
+    assert r["recall_at_1"] >= 0.97 and r["sample"] == 400 and r["param"] == param and r["target"] == 0.97
+    assert f"recall@1={{default: {r['recall_at_1']:.3f} at {param}={r['value']}}}" in repr(bank)
+    # the held-out estimate holds for fresh queries, and the row order still maps through locate
+    assert recall_via_locate(bank, base, queries, "cosine") >= 0.93
+    rows = torch.tensor([0, 1234, 3999])
+    _, patches = bank.locate(bank.search(base[rows], k=1).indices[:, 0])
+    assert torch.equal(patches, rows)
+    bank.save(tmp_path / "bank")
+    loaded = ReferenceBank.load(tmp_path / "bank")
+    assert loaded.recall == bank.recall and repr(loaded) == repr(bank)
+    assert torch.equal(loaded.search(queries).indices, bank.search(queries).indices)
+    assert ReferenceBank.load(tmp_path / "bank", **{param: 1}).recall == {}  # another setting: no stale claim
+
+
+def test_unreachable_recall_target_warns_and_keeps_the_best():
+    base, _ = normal_and_held_out(3000, 0)
+    bank = ReferenceBank(32, metric="l2", index="ivfpq", nlist=8, m=2, nbits=4, refine=0, recall_target=1.0)
+    bank.add(base)
+    with pytest.warns(RuntimeWarning, match="below recall_target=1.0"):
+        bank.build(progress=False)
+    r = bank.recall["default"]
+    assert r["recall_at_1"] < 1.0 and 1 <= r["value"] <= 8
