@@ -64,6 +64,7 @@ _PARAMS = {
     "hnsw": ("hnsw_m", "ef_search", "ef_construction", "recall_target"),
 }
 _COMMON_PARAMS = ("gpu", "shard")
+_SEARCH_PARAMS = ("nprobe", "ef_search", "refine") + _COMMON_PARAMS  # what load() may change
 _INT_MAX = 2**31 - 1
 # integer parameters: (lowest, highest) accepted value; faiss aborts or overflows outside
 _INT_RANGES = {
@@ -602,6 +603,12 @@ class ReferenceBank:
                 raise BankFormatError(f"ReferenceBank.load: {path} has format {fmt!r} (written by fastad "
                                       f"{meta.get('fastad_version')}); this fastad {__version__} reads formats "
                                       f"{_READABLE_FORMATS}")
+            unknown = sorted(set(index_params) - set(_SEARCH_PARAMS))
+            if unknown:
+                raise ValueError(f"ReferenceBank.load: only search-time settings {_SEARCH_PARAMS} can be given "
+                                 f"to load, got {unknown}; the index was built with the saved ones")
+            if meta.get("index") in INDEXES and isinstance(meta.get("dim"), int):
+                _check_params(meta["dim"], meta["index"], index_params)  # the caller's values, not the file's
             try:
                 return cls._from_meta(folder, meta, dim, index_params)
             except BankFormatError:

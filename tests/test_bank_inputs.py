@@ -242,3 +242,12 @@ def test_format_1_banks_still_load_and_are_replaced_cleanly(saved, tmp_path):
     loaded.save(old)
     assert sorted(os.listdir(old)) == [".lock", "CURRENT", current(old).name]
     assert len(ReferenceBank.load(old)) == 40
+
+
+def test_load_overrides_are_search_settings_named_as_the_callers(saved):
+    with pytest.raises(ValueError, match=r"only search-time settings .* got \['nlist'\]"):
+        ReferenceBank.load(saved, nlist=4)
+    with pytest.raises(ValueError, match="`nprobe` must be an integer in") as info:
+        ReferenceBank.load(saved, nprobe=0)
+    assert not isinstance(info.value, BankFormatError)  # the caller's value, not a bad file
+    assert ReferenceBank.load(saved, nprobe=2)._cats["a"].index.nprobe == 2
