@@ -11,6 +11,18 @@ from fastad.bank import BankFormatError, ReferenceBank
 from fastad.ops import nn_distance
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """faiss's OpenMP threads spin against the other processes of a busy 2-core machine
+    (3x slower index training than one thread); these banks are tiny."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 def current(bank_path):
     """The version folder a saved bank's pointer names."""
     return bank_path / (bank_path / "CURRENT").read_text().strip()
@@ -226,7 +238,7 @@ def test_usage_errors():
         bank.search(torch.randn(1, 9))
     small = ReferenceBank(8, index="ivf", nlist=16)
     small.add(torch.randn(10, 8))
-    with pytest.raises(ValueError, match="fewer than nlist=16"):
+    with pytest.raises(ValueError, match="fewer than `nlist`=16"):
         small.build(progress=False)
 
 

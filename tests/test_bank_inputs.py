@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from fastad.bank import BankFormatError, ReferenceBank
 
-from test_bank import current
+from test_bank import current, one_faiss_thread  # noqa: F401 (a fixture)
 
 INT_PARAMS = {  # parameter: (index kind, lowest valid, highest valid)
     "nlist": ("ivf", 1, 2**31 - 1), "nprobe": ("ivf", 1, 2**31 - 1), "m": ("ivfpq", 1, 16),
