@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import numbers
 import os
 import shutil
@@ -38,7 +39,6 @@ from typing import Any, Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastad._checks import describe
@@ -117,8 +117,12 @@ def _check_params(dim: int, index: str, params: dict) -> None:
         raise ValueError(f"ReferenceBank: ivfpq `m`={params['m']} must divide dim={dim}")
 
 
-def _require_finite(where: str, name: str, t: torch.Tensor) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
+def _require_finite(where: str, name: str, t: torch.Tensor, rows: np.ndarray | None = None) -> None:
+    """NaN / inf in ``t`` raise; ``rows`` (``t`` as faiss gets it) is checked instead when given,
+    with numpy: a torch op right before a faiss search costs as much as the search (both
+    OpenMP pools spin on the same cores)."""
+    finite = np.isfinite(rows).all() if rows is not None else torch.isfinite(t).all()
+    if t.numel() and not bool(finite):
         raise ValueError(f"ReferenceBank.{where}: `{name}` contains NaN or infinite values ({describe(t)})")
 
 
@@ -163,9 +167,9 @@ class ReferenceBank:
             hnsw: ``hnsw_m`` (32), ``ef_search`` (128), ``ef_construction`` (80).
             The defaults reach recall@1 >= 0.95 on clustered data (benchmarks/bench_bank.py).
             ``recall_target`` (ivf, ivfpq, hnsw): at :meth:`build`, hold out up to 1,000
-            sampled rows of each category, build on the rest, raise ``nprobe`` /
+            sampled rows of each category, build on the rest, double ``nprobe`` /
             ``ef_search`` from 1 / 16 until recall@1 of the held-out rows reaches the
-            target, then add them; the measured recall is kept per category
+            target plus a one-sided 95 % sampling margin, then add them; the measured recall is kept per category
             (:attr:`recall`, ``repr``, the saved metadata). The held-out rows then come
             last in the category's row order (:meth:`locate` maps rows to images as always).
             Any kind: ``gpu`` (None = use a GPU when faiss has GPU support and the query is
@@ -337,6 +341,9 @@ class ReferenceBank:
             values = sorted({min(2**i, nlist) for i in range(32) if 2 ** (i - 1) < nlist})
         else:
             values = [16 * 2**i for i in range(9)]  # 16 ... 4096
+        # the sample's recall must clear the target by a one-sided 95 % sampling margin, so
+        # that fresh queries reach the target too
+        needed = min(1.0, target + 1.645 * math.sqrt(target * (1 - target) / s))
         measured = []
         for value in values:
             _set_search_param(index, param, value)
@@ -344,10 +351,10 @@ class ReferenceBank:
             # a duplicate of the true neighbour is as near: count it as found
             hit = (found == truth) | ((found >= 0) & (kept[found.clamp_min(0)] == kept[truth]).all(dim=1))
             measured.append(float(hit.float().mean()))
-            if measured[-1] >= target:
+            if measured[-1] >= needed:
                 break
         best = len(measured) - 1
-        if measured[-1] < target:
+        if measured[-1] < needed:
             best = next(i for i, r in enumerate(measured) if r >= max(measured) - 0.005)
             warnings.warn(f"ReferenceBank.build: category {name!r} reaches recall@1 {measured[best]:.3f} at "
                           f"{param}={values[best]}, below recall_target={target}; using that setting",
@@ -367,10 +374,10 @@ class ReferenceBank:
         self._drop_caches(name)
 
     def _faiss_rows(self, x: torch.Tensor) -> np.ndarray:
-        x = x.detach().to("cpu", torch.float32)
+        rows = np.array(x.detach().to("cpu", torch.float32).numpy(), dtype=np.float32, order="C", copy=True)
         if self.metric == "cosine":
-            x = F.normalize(x, dim=-1, eps=1e-12)
-        return np.ascontiguousarray(x.numpy())
+            _faiss().normalize_L2(rows)  # not torch's: see _require_finite
+        return rows
 
     def _make_faiss_index(self, n: int, name: str):
         faiss = _faiss()
@@ -451,8 +458,8 @@ class ReferenceBank:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > cat.built:
             raise ValueError(f"ReferenceBank.search: `k` must be in [1, {cat.built}] for category {category!r}, "
                              f"got {k!r}")
-        _require_finite("search", "query", query)
         if self.index_kind == "exact":
+            _require_finite("search", "query", query)
             # in the bank's precision: a float16 query against float16-rounded rows picks wrong neighbours
             q = query.float()
             feats = cat.features
@@ -494,8 +501,9 @@ class ReferenceBank:
     def _faiss_search(self, category: str, cat: _Category, query: torch.Tensor, k: int) -> NNResult:
         q3 = query[None] if query.dim() == 2 else query
         B, N, _ = q3.shape
-        index = self._search_index(category, cat, query.is_cuda)
         x = self._faiss_rows(q3.reshape(B * N, self.dim))
+        _require_finite("search", "query", query, x)  # inf rows normalise to NaN: still caught
+        index = self._search_index(category, cat, query.is_cuda)
         dist, idx = index.search(x, k)
         values = torch.from_numpy(dist).float()
         indices = torch.from_numpy(idx).long()
