@@ -611,10 +611,12 @@ class ReferenceBank:
                 raise BankFormatError(f"ReferenceBank.load: {path} has format {fmt!r} (written by fastad "
                                       f"{meta.get('fastad_version')}); this fastad {__version__} reads formats "
                                       f"{_READABLE_FORMATS}")
-            unknown = sorted(set(index_params) - set(_SEARCH_PARAMS))
-            if unknown:
-                raise ValueError(f"ReferenceBank.load: only search-time settings {_SEARCH_PARAMS} can be given "
-                                 f"to load, got {unknown}; the index was built with the saved ones")
+            saved = meta.get("index_params") if isinstance(meta.get("index_params"), dict) else {}
+            changed = sorted(k for k in set(index_params) - set(_SEARCH_PARAMS) if saved.get(k) != index_params[k])
+            if changed:  # build-time settings may be repeated, not changed
+                raise ValueError(f"ReferenceBank.load: only search-time settings {_SEARCH_PARAMS} can be changed "
+                                 f"at load, got {changed} (saved: { {k: saved.get(k) for k in changed} }); the "
+                                 f"index was built with the saved ones")
             if meta.get("index") in INDEXES and isinstance(meta.get("dim"), int):
                 _check_params(meta["dim"], meta["index"], index_params)  # the caller's values, not the file's
             try:

@@ -245,8 +245,9 @@ def test_format_1_banks_still_load_and_are_replaced_cleanly(saved, tmp_path):
 
 
 def test_load_overrides_are_search_settings_named_as_the_callers(saved):
-    with pytest.raises(ValueError, match=r"only search-time settings .* got \['nlist'\]"):
+    with pytest.raises(ValueError, match=r"only search-time settings .* got \['nlist'\] \(saved: \{'nlist': 2\}\)"):
         ReferenceBank.load(saved, nlist=4)
+    assert len(ReferenceBank.load(saved, nlist=2, dim=8)) == 40  # repeating a build setting is fine
     with pytest.raises(ValueError, match="`nprobe` must be an integer in") as info:
         ReferenceBank.load(saved, nprobe=0)
     assert not isinstance(info.value, BankFormatError)  # the caller's value, not a bad file
