@@ -11,6 +11,23 @@ from fastad.bank import BankFormatError, ReferenceBank
 from fastad.ops import nn_distance
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """faiss's OpenMP threads spin against the other processes of a busy 2-core machine
+    (3x slower index training than one thread); these banks are tiny."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def current(bank_path):
+    """The version folder a saved bank's pointer names."""
+    return bank_path / (bank_path / "CURRENT").read_text().strip()
+
+
 def clustered(n, dim, clusters, seed, spread=0.15):
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(clusters, dim, generator=g)
@@ -113,9 +130,10 @@ def test_save_load_round_trip_is_identical(tmp_path, kind, params):
         after = loaded.search(q, k=2, category=c)
         assert torch.equal(after.values, before[c].values) and torch.equal(after.indices, before[c].indices)
         assert loaded.locate(after.indices, c) [0] == bank.locate(before[c].indices, c)[0]
-    # saving over an existing bank replaces it
+    # saving over an existing bank replaces it; the old version is deleted
     bank.save(tmp_path / "bank")
     assert sorted(os.listdir(tmp_path)) == ["bank"]
+    assert sorted(os.listdir(tmp_path / "bank")) == [".lock", "CURRENT", current(tmp_path / "bank").name]
 
 
 @pytest.fixture
@@ -128,7 +146,7 @@ def saved(tmp_path):
 
 
 def test_load_rejects_truncated_and_corrupt_files(saved):
-    index_file = saved / "0.faiss"
+    index_file = current(saved) / "0.faiss"
     data = index_file.read_bytes()
     index_file.write_bytes(data[:-10])
     with pytest.raises(BankFormatError, match="truncated"):
@@ -144,14 +162,15 @@ def test_load_rejects_truncated_and_corrupt_files(saved):
 def test_load_rejects_wrong_dim_version_and_bad_meta(saved, tmp_path):
     with pytest.raises(BankFormatError, match="dim=8 features, expected dim=16"):
         ReferenceBank.load(saved, dim=16)
-    meta = json.loads((saved / "meta.json").read_text())
-    (saved / "meta.json").write_text(json.dumps({**meta, "format": 99}))
+    meta_file = current(saved) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "format": 99}))
     with pytest.raises(BankFormatError, match="format 99"):
         ReferenceBank.load(saved)
-    (saved / "meta.json").write_text("{not json")
+    meta_file.write_text("{not json")
     with pytest.raises(BankFormatError, match="corrupt"):
         ReferenceBank.load(saved)
-    (saved / "meta.json").write_text(json.dumps({"format": 1, "dim": 8}))
+    meta_file.write_text(json.dumps({"format": 2, "dim": 8}))
     with pytest.raises(BankFormatError, match="malformed"):
         ReferenceBank.load(saved)
     with pytest.raises(BankFormatError, match="not a saved bank"):
@@ -159,7 +178,8 @@ def test_load_rejects_wrong_dim_version_and_bad_meta(saved, tmp_path):
 
 
 def test_crash_during_save_leaves_previous_bank_intact(saved, monkeypatch):
-    before = (saved / "meta.json").read_text()
+    before = (current(saved) / "meta.json").read_text()
+    entries = sorted(os.listdir(saved))
     bank = ReferenceBank(8, metric="l2")
     bank.add(torch.randn(5, 8), category="new")
     bank.build(progress=False)
@@ -171,8 +191,9 @@ def test_crash_during_save_leaves_previous_bank_intact(saved, monkeypatch):
     monkeypatch.setattr(faiss, "write_index", boom)
     with pytest.raises(OSError, match="disk full"):
         bank.save(saved)
-    assert (saved / "meta.json").read_text() == before
-    assert sorted(os.listdir(saved.parent)) == ["bank"]  # no temporary directory left behind
+    assert (current(saved) / "meta.json").read_text() == before
+    assert sorted(os.listdir(saved.parent)) == ["bank"]
+    assert sorted(os.listdir(saved)) == entries  # no half-written version left behind
     assert ReferenceBank.load(saved).categories == ["a"]
 
 
@@ -217,9 +238,80 @@ def test_usage_errors():
         bank.search(torch.randn(1, 9))
     small = ReferenceBank(8, index="ivf", nlist=16)
     small.add(torch.randn(10, 8))
-    with pytest.raises(ValueError, match="fewer than nlist=16"):
+    with pytest.raises(ValueError, match="fewer than `nlist`=16"):
         small.build(progress=False)
 
 
 def test_lazy_attribute_on_package():
     assert fastad.ReferenceBank is ReferenceBank
+
+
+def normal_and_held_out(n, n_query, dim=32, clusters=32, seed=11):
+    """bench_bank's kind of data, small: unit rows around random centres; the queries are
+    more samples of the same clusters, not in the bank."""
+    x = torch.nn.functional.normalize(clustered(n + n_query, dim, clusters, seed, spread=0.5 / 5.66), dim=-1)
+    return x[:n].contiguous(), x[n:].contiguous()
+
+
+def recall_via_locate(bank, base, queries, metric):
+    """recall@1, mapping the bank's rows back to `base` (added as one image) with locate."""
+    _, patches = bank.locate(bank.search(queries, k=1).indices[:, 0])
+    return float((patches == nn_distance(queries, base, k=1, metric=metric).indices[:, 0]).float().mean())
+
+
+@pytest.mark.parametrize("kind,metric", [("ivf", "cosine"), ("ivf", "l2"), ("ivfpq", "cosine"), ("hnsw", "cosine"),
+                                         ("hnsw", "l2")])
+def test_defaults_reach_the_stated_recall(kind, metric):
+    base, queries = normal_and_held_out(4000, 300)
+    bank = ReferenceBank(32, metric=metric, index=kind)
+    bank.add(base)
+    bank.build(progress=False)
+    assert recall_via_locate(bank, base, queries, metric) >= 0.95
+
+
+def test_ivfpq_re_ranks_its_candidates_exactly():
+    base, queries = normal_and_held_out(3000, 100)
+    kept = ReferenceBank(32, metric="l2", index="ivfpq", nlist=16, m=8, nbits=4, refine=32)
+    codes_only = ReferenceBank(32, metric="l2", index="ivfpq", nlist=16, m=8, nbits=4, refine=0)
+    for bank in (kept, codes_only):
+        bank.add(base)
+        bank.build(progress=False)
+    want = nn_distance(queries, base, k=3, metric="l2")
+    got = kept.search(queries, k=3)
+    torch.testing.assert_close(got.values, base[got.indices].sub(queries[:, None]).norm(dim=-1), atol=1e-5, rtol=0)
+    assert float((got.indices == want.indices).float().mean()) >= 0.95
+    approx = codes_only.search(queries, k=3)  # PQ distances: not the exact ones
+    assert not torch.allclose(approx.values, base[approx.indices].sub(queries[:, None]).norm(dim=-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,params,param", [("ivf", dict(nlist=64), "nprobe"),
+                                               ("ivfpq", dict(nlist=64, m=8, nbits=4), "nprobe"),
+                                               ("hnsw", dict(hnsw_m=4), "ef_search")])
+def test_recall_target_tunes_measures_and_is_saved(tmp_path, kind, params, param):
+    base, queries = normal_and_held_out(4000, 300)
+    bank = ReferenceBank(32, metric="cosine", index=kind, recall_target=0.97, **params)
+    bank.add(base)
+    bank.build(progress=False)
+    r = bank.recall["default"]
+    assert r["recall_at_1"] >= 0.97 and r["sample"] == 400 and r["param"] == param and r["target"] == 0.97
+    assert f"recall@1={{default: {r['recall_at_1']:.3f} at {param}={r['value']}}}" in repr(bank)
+    # the held-out estimate holds for fresh queries, and the row order still maps through locate
+    assert recall_via_locate(bank, base, queries, "cosine") >= 0.93
+    rows = torch.tensor([0, 1234, 3999])
+    _, patches = bank.locate(bank.search(base[rows], k=1).indices[:, 0])
+    assert torch.equal(patches, rows)
+    bank.save(tmp_path / "bank")
+    loaded = ReferenceBank.load(tmp_path / "bank")
+    assert loaded.recall == bank.recall and repr(loaded) == repr(bank)
+    assert torch.equal(loaded.search(queries).indices, bank.search(queries).indices)
+    assert ReferenceBank.load(tmp_path / "bank", **{param: 1}).recall == {}  # another setting: no stale claim
+
+
+def test_unreachable_recall_target_warns_and_keeps_the_best():
+    base, _ = normal_and_held_out(3000, 0)
+    bank = ReferenceBank(32, metric="l2", index="ivfpq", nlist=8, m=2, nbits=4, refine=0, recall_target=1.0)
+    bank.add(base)
+    with pytest.warns(RuntimeWarning, match="below recall_target=1.0"):
+        bank.build(progress=False)
+    r = bank.recall["default"]
+    assert r["recall_at_1"] < 1.0 and 1 <= r["value"] <= 8
