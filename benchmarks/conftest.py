@@ -122,12 +122,3 @@ def pytest_terminal_summary(terminalreporter, config):
     if rows:
         terminalreporter.write_sep("=", "fastad side by side (speed-up = peer median / fastad median)")
         terminalreporter.write_line(markdown_table(rows))
-
-
-def tune_faiss() -> None:
-    """faiss at its best: its BLAS path from 20 query x row pairs up (the default
-    threshold keeps small searches on a slow loop) and as many threads as torch."""
-    import faiss
-
-    faiss.cvar.distance_compute_blas_threshold = 20
-    faiss.omp_set_num_threads(torch.get_num_threads())

@@ -80,7 +80,7 @@ def test_bundle_records_options_weights_thresholds_and_versions(bundle):
     assert th["fpr"] == FPR and len(th["calibration_images"]) == 16 and th["observed_fpr"] <= FPR
     assert th["image"] > 0 and th["pixel"] > 0
     assert {"fastad", "torch", "python"} <= set(meta["versions"])
-    assert (bundle / "bank" / "meta.json").is_file()  # the bank's own format
+    assert (bundle / "bank" / "CURRENT").is_file()  # the bank's own format (versioned, behind a pointer)
 
 
 def test_predict_detects_the_defects_at_the_calibrated_false_positive_rate(results, data):
