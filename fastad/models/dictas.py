@@ -65,7 +65,7 @@ from torch import nn
 
 from fastad.models._base import FewShotCLIPModel
 from fastad.models._opencv import import_cv2
-from fastad.models.checkpoint import load_mapped_state_dict, read_state_dict
+from fastad.models.checkpoint import backbone_weights_arg, load_mapped_state_dict, read_state_dict
 from fastad.models.clip_backbone import POS_EMBED_RESIZE, CLIPBackbone, ImageFeatures
 from fastad.models.postprocess import gaussian_blur, upsample_blur, upsample_maps
 
@@ -414,8 +414,6 @@ class DictAS(FewShotCLIPModel):
 
     def __init__(self, config: DictASConfig | None = None, pretrained: str | None = None,
                  backend: str = "reference", *, backbone_weights: str | None = None, **overrides: Any) -> None:
-        from fastad.models.checkpoint import backbone_weights_arg  # local: keeps the import block untouched
-
         super().__init__(backend)
         pretrained = backbone_weights_arg("DictAS", backbone_weights, "pretrained", pretrained)
         config = config if config is not None else DictASConfig()

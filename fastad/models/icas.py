@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastad.models._timm_backbones import create_timm_model
+from fastad.models.checkpoint import backbone_weights_arg
 
 __all__ = ["ICAS", "ICASOutput", "greedy_query_selection", "greedy_query_selection_reference", "mask_pool_features",
            "sine_position_embedding"]
@@ -283,8 +284,6 @@ class ICAS(nn.Module):
                  class_weight: float = 2.0, mask_weight: float = 5.0, dice_weight: float = 5.0,
                  no_object_weight: float = 0.1, backend: str = "reference", ops_backend: Optional[str] = None,
                  backbone_weights: Optional[str] = None) -> None:
-        from fastad.models.checkpoint import backbone_weights_arg  # local: keeps the import block untouched
-
         super().__init__()
         checkpoint_path = backbone_weights_arg("ICAS", backbone_weights, "checkpoint_path", checkpoint_path)
         _check_backend(backend)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastad.models._base import FewShotCLIPModel
-from fastad.models.checkpoint import load_mapped_state_dict, read_state_dict
+from fastad.models.checkpoint import backbone_weights_arg, load_mapped_state_dict, read_state_dict
 from fastad.models.clip_backbone import POS_EMBED_RESIZE, CLIPBackbone, ImageFeatures
 from fastad.models.losses import binary_focal_loss, dice_loss, focal_loss
 from fastad.models.postprocess import gaussian_blur, upsample_blur, upsample_maps
@@ -308,8 +308,6 @@ class InCTRLv2(FewShotCLIPModel):
 
     def __init__(self, config: InCTRLConfig | str = "v2", pretrained: str | None = None, backend: str = "reference",
                  *, backbone_weights: str | None = None, **overrides: Any) -> None:
-        from fastad.models.checkpoint import backbone_weights_arg  # local: keeps the import block untouched
-
         super().__init__(backend)
         pretrained = backbone_weights_arg("InCTRLv2", backbone_weights, "pretrained", pretrained)
         if isinstance(config, str):

@@ -81,6 +81,7 @@ from torch import nn
 
 from fastad.models._opencv import import_cv2
 from fastad.models._timm_backbones import create_timm_model
+from fastad.models.checkpoint import backbone_weights_arg
 from fastad.models.saa_tables import CategoryConfig, category_config
 
 __all__ = ["SAAPlus", "SAAPlusOutput", "Proposals", "SaliencyFeatures", "StaticProposer", "BoxMaskRefiner",
@@ -512,8 +513,6 @@ class SAAPlus(nn.Module):
                  saliency_k: int = 400, single_size: int = 256, multi_size: int = 1024, out_size: int = 400,
                  gamma: float = 3.0, backend: str = "reference", ops_backend: Optional[str] = None,
                  input_convention: str = "authors", backbone_weights: Optional[str] = None, **overrides) -> None:
-        from fastad.models.checkpoint import backbone_weights_arg  # local: keeps the import block untouched
-
         super().__init__()
         checkpoint_path = backbone_weights_arg("SAAPlus", backbone_weights, "checkpoint_path", checkpoint_path)
         _check_backend(backend)
