@@ -7,13 +7,23 @@ renamed over the target (``os.replace`` is atomic on POSIX within one file syste
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_write", "atomic_save", "atomic_dir", "fsync_dir"]
+__all__ = ["atomic_write", "atomic_save", "atomic_dir", "fsync_dir", "file_sha256"]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -23,7 +23,6 @@ new bank, and concurrent savers take turns (a lock file).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import numbers
@@ -42,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastad._checks import describe
-from fastad._io import atomic_write, fsync_dir
+from fastad._io import atomic_write, file_sha256, fsync_dir
 from fastad._version import __version__
 from fastad.ops.nn_distance import NNResult, nn_distance
 
@@ -809,8 +808,4 @@ def _collect_garbage(path: Path, current: str) -> None:
 
 
 def _digest(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -82,7 +81,7 @@ from tqdm.auto import tqdm
 from fastad._io import atomic_save, atomic_write
 from fastad.data.training import N_VIEWS, TrainingSet, load_training_set, read_view
 from fastad.evaluate import StageMeter, build_runner, stage_table
-from fastad.feature_cache import FeatureCache
+from fastad.feature_cache import FeatureCache, weights_digest
 
 __all__ = ["METHODS", "Protocol", "train", "protocol_defaults"]
 
@@ -265,14 +264,6 @@ class FeatureSource:
 
 def _frozen_module(method: str, model: nn.Module) -> nn.Module:
     return model.encoder if method == "icas" else model.backbone.clip.visual
-
-
-def _digest(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:24]
 
 
 # --------------------------------------------------------------------------- distributed
@@ -526,7 +517,7 @@ def train(method: str, data: str | os.PathLike, out: str | os.PathLike, *, layou
             encoder = model.encode
         else:
             encoder = lambda im: model.encode(runner._norm(im))  # noqa: E731  (evaluate's preprocessing)
-        key = {"method": method, "frozen": _digest(_frozen_module(method, model)), "backbone": backbone,
+        key = {"method": method, "frozen": weights_digest(_frozen_module(method, model)), "backbone": backbone,
                "image_size": size, "layers": list(getattr(model, "layers", [])) or "x_prenorm",
                "preprocess": "square bilinear resize (fastad.data.mvtec.read_image)", "views": "dihedral"}
         cache = FeatureCache(cache_dir or DEFAULT_CACHE, key) if use_cache else None
