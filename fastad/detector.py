@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import csv
 import glob
-import hashlib
 import json
 import math
 import os
@@ -48,7 +47,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastad._io import atomic_dir, atomic_save, atomic_write
+from fastad._io import atomic_dir, atomic_save, atomic_write, file_sha256
 from fastad.evaluate import check_device
 
 __all__ = ["METHODS", "Detector", "Prediction", "fit", "load_detector", "list_images", "write_predictions",
@@ -64,26 +63,31 @@ _CATEGORY = "normal"  # the bank's one category
 
 # --------------------------------------------------------------------------- inputs
 def list_images(source: str | os.PathLike | Sequence[str | os.PathLike], what: str = "--images") -> list[Path]:
-    """Image files of a folder (recursively), a glob pattern, or a list of paths; sorted.
-    Raises FileNotFoundError naming ``what`` when nothing matches."""
-    if isinstance(source, (list, tuple)):
+    """Image files of a folder (recursively, sorted), a glob pattern (sorted), one image, a
+    list file (one path per line, relative to the file's folder; '#' comments) or a sequence
+    of paths. Raises FileNotFoundError naming ``what`` when nothing matches or a listed
+    image is missing."""
+    if not isinstance(source, (str, os.PathLike)):
         paths = [Path(p) for p in source]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{what}: image {missing[0]} does not exist")
     else:
         src = Path(source)
         if src.is_dir():
             paths = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif src.is_file() and src.suffix.lower() not in IMAGE_SUFFIXES:
+            lines = [ln.strip() for ln in src.read_text().splitlines()]
+            paths = [src.parent / ln for ln in lines if ln and not ln.startswith("#")]
         elif src.is_file():
             paths = [src]
         else:
             paths = sorted(Path(p) for p in glob.glob(str(source), recursive=True)
                            if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
             if not paths and not glob.has_magic(str(source)):
-                raise FileNotFoundError(f"{what}: {source} does not exist (give a folder, a glob pattern or an image)")
+                raise FileNotFoundError(f"{what}: {source} does not exist (give a folder, a glob pattern, an image or a list file)")
     if not paths:
         raise FileNotFoundError(f"{what}: no images ({', '.join(IMAGE_SUFFIXES)}) in {source}")
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{what}: image {missing[0]} does not exist")
     return paths
 
 
@@ -93,16 +97,8 @@ def _read(paths: Sequence[Path], size: int) -> torch.Tensor:
     return torch.stack([read_image(p, size) for p in paths])
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _weights_record(path: str | os.PathLike | None) -> dict | None:
-    return None if path is None else {"path": str(Path(path).resolve()), "sha256": _sha256(path)}
+    return None if path is None else {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
 
 
 # --------------------------------------------------------------------------- scorers
@@ -505,7 +501,7 @@ def _recorded_file(bundle: Path, what: str, rec: dict | None) -> str | None:
         return None
     if not Path(rec["path"]).is_file():
         raise FileNotFoundError(f"{bundle}: the {what} {rec['path']} recorded at fit time does not exist")
-    if _sha256(rec["path"]) != rec["sha256"]:
+    if file_sha256(rec["path"]) != rec["sha256"]:
         raise ValueError(f"{bundle}: the {what} {rec['path']} changed since fit (sha256 mismatch)")
     return rec["path"]
 
@@ -559,20 +555,11 @@ def write_overlay(path: Path, image_path: Path, amap: torch.Tensor, lo: float, h
     of the binary mask in white, and a colour bar on the right."""
     from PIL import Image
 
-    from fastad.evaluate import _heat
+    from fastad.evaluate import blend_overlay
 
     with Image.open(image_path) as im:
         img = np.asarray(im.convert("RGB"), dtype=np.float32)
-    heat = _heat((amap.float().numpy() - lo) / max(hi - lo, 1e-12)).astype(np.float32)
-    out = (0.55 * img + 0.45 * heat).astype(np.uint8)
-    if mask is not None:
-        m = mask.numpy()
-        inner = m.copy()
-        inner[1:, :] &= m[:-1, :]
-        inner[:-1, :] &= m[1:, :]
-        inner[:, 1:] &= m[:, :-1]
-        inner[:, :-1] &= m[:, 1:]
-        out[m & ~inner] = 255
+    out = blend_overlay(img, amap, lo, hi, None if mask is None else mask.numpy(), (255, 255, 255))
     h, w = out.shape[:2]
     bar = _colour_bar(h, max(8, min(40, w // 8)), lo, hi, threshold)
     gap = np.full((h, 2, 3), 255, np.uint8)

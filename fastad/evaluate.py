@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastad._io import atomic_write
 from fastad._memory import PeakMemory
 from fastad.data.mvtec import (CategorySplit, image_shape, load_mvtec, load_visa, read_image, read_mask,
                                resolve_layout)
@@ -393,24 +394,31 @@ def _heat(values: np.ndarray) -> np.ndarray:
     return (np.concatenate([r, g, b], -1) * 255).astype(np.uint8)
 
 
+def blend_overlay(img: np.ndarray, amap: torch.Tensor, lo: float, hi: float, mask: np.ndarray | None,
+                  outline: tuple[int, int, int]) -> np.ndarray:
+    """uint8 [H, W, 3]: ``img`` (float [H, W, 3], 0..255) blended with the map's heat colours
+    (the map scaled to [lo, hi]), the outline of the boolean ``mask`` drawn in ``outline``."""
+    heat = _heat((amap.float().cpu().numpy() - lo) / max(hi - lo, 1e-12)).astype(np.float32)
+    out = (0.55 * img + 0.45 * heat).astype(np.uint8)
+    if mask is not None and mask.any():
+        inner = mask.copy()
+        inner[1:, :] &= mask[:-1, :]
+        inner[:-1, :] &= mask[1:, :]
+        inner[:, 1:] &= mask[:, :-1]
+        inner[:, :-1] &= mask[:, 1:]
+        out[mask & ~inner] = outline
+    return out
+
+
 def write_overlay(path: Path, image: torch.Tensor, amap: torch.Tensor, mask: torch.Tensor, lo: float,
                   hi: float) -> None:
-    """Image [3, S, S] in [0, 1] blended with the map scaled to [lo, hi]; mask outline in green."""
+    """Image [3, S, S] in [0, 1] blended with the map scaled to [lo, hi]; mask outline in green;
+    written atomically as PNG."""
     from PIL import Image
 
     img = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.float32)
-    heat = _heat(((amap.float().cpu().numpy() - lo) / max(hi - lo, 1e-12))).astype(np.float32)
-    out = (0.55 * img + 0.45 * heat).astype(np.uint8)
-    m = mask.numpy()
-    if m.any():
-        inner = m.copy()
-        inner[1:, :] &= m[:-1, :]
-        inner[:-1, :] &= m[1:, :]
-        inner[:, 1:] &= m[:, :-1]
-        inner[:, :-1] &= m[:, 1:]
-        out[m & ~inner] = (0, 255, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(out).save(path)
+    with atomic_write(path) as f:
+        Image.fromarray(blend_overlay(img, amap, lo, hi, mask.numpy(), (0, 255, 0))).save(f, format="PNG")
 
 
 # --------------------------------------------------------------------------- the evaluation

@@ -252,3 +252,24 @@ def test_output_names_keep_folders_and_never_collide():
     names = _relative_names([Path("/d/x/a.png"), Path("/d/x/a.jpg"), Path("/d/x/s/img.001.png")])
     assert names == [Path("a.png"), Path("a.jpg"), Path("s/img.001")]
     assert _relative_names([Path("/d/x/a.png")]) == [Path("a")]
+
+
+def test_list_images_sources(tmp_path):
+    """One image lister for predict and the Ray score: folder, glob, image, list file, sequence."""
+    from fastad.detector import list_images
+
+    for name in ("b.png", "sub/a.jpg", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    folder = list_images(tmp_path)
+    assert folder == [tmp_path / "b.png", tmp_path / "sub" / "a.jpg"]
+    assert list_images(str(tmp_path / "*.png")) == [tmp_path / "b.png"]
+    assert list_images(tmp_path / "b.png") == [tmp_path / "b.png"]
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# references\nsub/a.jpg\n\n{tmp_path / 'b.png'}\n")
+    assert list_images(listing) == [tmp_path / "sub" / "a.jpg", tmp_path / "b.png"]
+    listing.write_text("gone.png\n")
+    with pytest.raises(FileNotFoundError, match=r"--references: image .*gone.png does not exist"):
+        list_images(listing, "--references")
+    with pytest.raises(FileNotFoundError, match="--images: no images"):
+        list_images([], "--images")

@@ -49,7 +49,7 @@ def test_score_equals_an_in_process_loop(ray_local, tmp_path, capsys):
     rc = cli.main(["score", "--method", "dictas", "--references", str(tmp_path / "none"), "--images", "x",
                    "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2 and err.splitlines()[-1].startswith("fastad score: error: --images x: no images found")
+    assert rc == 2 and err.splitlines()[-1].startswith("fastad score: error: --images: x does not exist")
 
 
 @pytest.mark.parametrize("index,metric,params", [("exact", "cosine", {}), ("ivf", "l2", {"nlist": 4, "nprobe": 4})])

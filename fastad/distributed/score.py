@@ -10,9 +10,6 @@ score, decision (``score >= threshold``) and the two map paths.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +18,6 @@ import numpy as np
 import torch
 
 from fastad._io import atomic_write
-from fastad.data.mvtec import IMAGE_SUFFIXES
 
 __all__ = ["ScoreSpec", "resolve_images", "write_prediction", "score"]
 
@@ -51,26 +47,11 @@ class ScoreSpec:
 
 
 def resolve_images(spec: str | Path | Sequence[str | Path], what: str) -> list[str]:
-    """Image paths from a folder (its images, recursively, sorted), a list file (one path
-    per line, '#' comments), a glob pattern, or a sequence of paths."""
-    if not isinstance(spec, (str, Path)):
-        paths = [Path(p) for p in spec]
-    else:
-        p = Path(spec)
-        if p.is_dir():
-            paths = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES:
-            lines = [ln.strip() for ln in p.read_text().splitlines()]
-            paths = [Path(ln) if Path(ln).is_absolute() else p.parent / ln for ln in lines
-                     if ln and not ln.startswith("#")]
-        else:
-            paths = [Path(q) for q in sorted(glob.glob(str(spec), recursive=True))]
-    if not paths:
-        raise FileNotFoundError(f"{what} {spec}: no images found (give a folder, a list file or a glob)")
-    for q in paths:
-        if not q.is_file():
-            raise FileNotFoundError(f"{what}: image {q} does not exist")
-    return [str(q.resolve()) for q in paths]
+    """Absolute image paths from a folder, list file, glob or sequence
+    (``fastad.detector.list_images``, the same sources as ``fastad predict``)."""
+    from fastad.detector import list_images
+
+    return [str(p.resolve()) for p in list_images(spec, what)]
 
 
 def write_prediction(out: str | Path, index: int, path: str, image: torch.Tensor, amap: torch.Tensor,
@@ -84,12 +65,7 @@ def write_prediction(out: str | Path, index: int, path: str, image: torch.Tensor
     npy, png = maps / f"{stem}.npy", maps / f"{stem}.png"
     with atomic_write(npy) as f:
         np.save(f, amap.float().cpu().numpy())
-    tmp = maps / f".{stem}.{uuid.uuid4().hex}.tmp.png"  # write_overlay picks the format from the suffix
-    try:
-        write_overlay(tmp, image, amap, torch.zeros(amap.shape, dtype=torch.bool), *map_range)
-        os.replace(tmp, png)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_overlay(png, image, amap, torch.zeros(amap.shape, dtype=torch.bool), *map_range)
     return {"index": index, "path": path, "score": float(score), "anomalous": bool(score >= threshold),
             "map": str(npy), "overlay": str(png)}
 
