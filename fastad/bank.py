@@ -598,13 +598,7 @@ class ReferenceBank:
         path = Path(path)
         with _current_version(path) as folder:
             meta_file = folder / "meta.json"
-            try:
-                meta = json.loads(meta_file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise BankFormatError(f"ReferenceBank.load: {meta_file} is corrupt ({exc})") from exc
-            if not isinstance(meta, dict):
-                raise BankFormatError(f"ReferenceBank.load: {meta_file} must hold a JSON object, "
-                                      f"got a {type(meta).__name__}")
+            meta = read_meta(meta_file, "ReferenceBank.load")
             fmt = meta.get("format")
             if fmt not in _READABLE_FORMATS:
                 raise BankFormatError(f"ReferenceBank.load: {path} has format {fmt!r} (written by fastad "
@@ -805,6 +799,18 @@ def _collect_garbage(path: Path, current: str) -> None:
                         (path / fname).unlink(missing_ok=True)
         legacy.unlink(missing_ok=True)
     fsync_dir(path)
+
+
+def read_meta(meta_file: Path, who: str) -> dict:
+    """A bank's JSON metadata as a dict; ``BankFormatError`` naming the file when it is
+    unreadable, not JSON or not a JSON object."""
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BankFormatError(f"{who}: {meta_file} is corrupt ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise BankFormatError(f"{who}: {meta_file} must hold a JSON object, got a {type(meta).__name__}")
+    return meta
 
 
 def _digest(path: Path) -> dict:

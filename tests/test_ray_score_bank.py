@@ -89,3 +89,14 @@ def test_sharded_bank_equals_one_bank(ray_local, tmp_path, index, metric, params
         loaded.search(query, k=1000, category="a")
     with pytest.raises(ValueError, match="shards"):
         ShardedBank(8, shards=0)
+
+
+def test_sharded_bank_load_names_a_bad_meta_file(tmp_path):
+    from fastad.bank import BankFormatError
+
+    (tmp_path / "sharded.json").write_text("[1, 2]")
+    with pytest.raises(BankFormatError, match=r"ShardedBank.load: .*sharded.json must hold a JSON object, got a list"):
+        ShardedBank.load(tmp_path)
+    (tmp_path / "sharded.json").write_text("{oops")
+    with pytest.raises(BankFormatError, match=r"ShardedBank.load: .*sharded.json is corrupt"):
+        ShardedBank.load(tmp_path)

@@ -226,16 +226,13 @@ class ShardedBank:
              **index_params: Any) -> "ShardedBank":
         """Read a bank written by :meth:`save`: one actor per saved shard, each loading its
         ReferenceBank (with its checks); ``index_params`` override search-time settings."""
-        from fastad.bank import BankFormatError
+        from fastad.bank import BankFormatError, read_meta
 
         path = Path(path).resolve()
         meta_file = path / "sharded.json"
         if not meta_file.is_file():
             raise BankFormatError(f"ShardedBank.load: {meta_file} not found (not a saved sharded bank)")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BankFormatError(f"ShardedBank.load: {meta_file} is corrupt ({exc})") from exc
+        meta = read_meta(meta_file, "ShardedBank.load")
         if meta.get("format") != FORMAT_VERSION:
             raise BankFormatError(f"ShardedBank.load: {path} has format {meta.get('format')!r}, expected "
                                   f"{FORMAT_VERSION}")
