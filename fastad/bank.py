@@ -779,6 +779,8 @@ def _collect_garbage(path: Path, current: str) -> None:
             continue
         if entry.name.startswith(f".{_CURRENT}.tmp-"):
             entry.unlink(missing_ok=True)  # a killed saver's pointer
+        elif entry.name.startswith(".trash-"):
+            shutil.rmtree(entry, ignore_errors=True)  # a version a killed saver was deleting
         elif entry.name.startswith("v-") and entry.is_dir():
             fd = os.open(entry, os.O_RDONLY)
             try:
@@ -787,7 +789,11 @@ def _collect_garbage(path: Path, current: str) -> None:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
                         continue
-                shutil.rmtree(entry, ignore_errors=True)
+                # renamed first: a saver killed mid-delete must not leave a half-deleted folder under
+                # the name a reader that read CURRENT just before the switch is waiting to open
+                trash = path / f".trash-{entry.name}"
+                os.rename(entry, trash)
+                shutil.rmtree(trash, ignore_errors=True)
             finally:
                 os.close(fd)
     legacy = path / "meta.json"  # a format-1 bank saved over: its files go once CURRENT exists
